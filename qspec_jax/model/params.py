@@ -1,0 +1,98 @@
+"""Model parameters as registered pytree dataclasses.
+
+Layer weights are stacked along a leading layer axis so the decoder runs as one `lax.scan`
+(one compiled layer body, whatever the depth). Linear weights are stored [in, out] (x @ w) and
+are either float arrays (the unquantized model) or `QuantizedWeight` (one packed int4 copy that
+every precision reads). q/k/v are fused into one [D, q + 2 kv] projection and gate/up into one
+[D, 2F] projection, so each low-bit activation is quantized once per block input.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qspec_jax.config import LlamaConfig
+from qspec_jax.quant.format import QuantizedWeight, Weight
+
+
+@struct.dataclass
+class LayerParams:
+    """Weights of all decoder blocks, stacked on axis 0 (L = num_layers).
+
+    Attributes:
+        attn_norm: [L, D] RMSNorm scale before attention (ones after QuaRot folding).
+        wqkv: [L, D, q + 2 kv] fused q/k/v projection; columns are q heads, then k, then v.
+        bqkv: [L, q + 2 kv] fused q/k/v bias (Qwen2), or None.
+        wo: [L, q, D] attention output projection.
+        mlp_norm: [L, D] RMSNorm scale before the MLP.
+        w_gate_up: [L, D, 2F] fused SwiGLU gate (first F columns) and up (last F columns).
+        w_down: [L, F, D] MLP down projection.
+    """
+
+    attn_norm: jnp.ndarray
+    wqkv: Weight
+    bqkv: jnp.ndarray | None
+    wo: Weight
+    mlp_norm: jnp.ndarray
+    w_gate_up: Weight
+    w_down: Weight
+
+
+@struct.dataclass
+class Params:
+    """All model weights.
+
+    Attributes:
+        embed: [V, D] token embedding (float; also the LM head when `lm_head` is None).
+        layers: the stacked decoder blocks.
+        final_norm: [D] final RMSNorm scale.
+        lm_head: [D, V] float LM head, or None when tied to `embed`.
+    """
+
+    embed: jnp.ndarray
+    layers: LayerParams
+    final_norm: jnp.ndarray
+    lm_head: jnp.ndarray | None = None
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, scale: float = 0.02) -> Params:
+    """Random float parameters for a config (for tests and the big-model shape presets)."""
+    d, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    dt = cfg.jnp_dtype
+    ks = jax.random.split(key, 8)
+
+    def rnd(k, shape):
+        return (scale * jax.random.normal(k, shape, jnp.float32)).astype(dt)
+
+    layers = LayerParams(
+        attn_norm=(1.0 + 0.1 * jax.random.normal(ks[0], (n_layers, d))).astype(dt),
+        wqkv=rnd(ks[1], (n_layers, d, qkv)),
+        bqkv=rnd(ks[2], (n_layers, qkv)) if cfg.qkv_bias else None,
+        wo=rnd(ks[3], (n_layers, cfg.q_size, d)),
+        mlp_norm=(1.0 + 0.1 * jax.random.normal(ks[4], (n_layers, d))).astype(dt),
+        w_gate_up=rnd(ks[5], (n_layers, d, 2 * f)),
+        w_down=rnd(ks[6], (n_layers, f, d)),
+    )
+    return Params(
+        embed=rnd(ks[7], (cfg.vocab_size, d)) * 50.0,
+        layers=layers,
+        final_norm=jnp.ones((d,), dt),
+        lm_head=None if cfg.tie_embeddings else rnd(jax.random.fold_in(key, 99), (d, cfg.vocab_size)),
+    )
+
+
+def weight_bytes(params: Params) -> int:
+    """Bytes of every array held by the parameters (each array counted once)."""
+    seen, total = set(), 0
+    for leaf in jax.tree_util.tree_leaves(params):
+        if id(leaf) not in seen:
+            seen.add(id(leaf))
+            total += leaf.nbytes
+    return total
+
+
+def is_quantized(params: Params) -> bool:
+    return isinstance(params.layers.wqkv, QuantizedWeight)
