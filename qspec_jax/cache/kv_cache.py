@@ -1,0 +1,102 @@
+"""The functional KV cache: one buffer shared by every precision, written, overwritten, rolled back.
+
+QSpec never keeps a second cache: the W4A4 draft writes K/V for the drafted positions, the W4A16
+verifier recomputes the same positions and overwrites them, and rejected positions are dropped
+by moving `lengths` back. All three are plain functions returning a new cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qspec_jax.config import LlamaConfig
+
+
+@struct.dataclass
+class KVCache:
+    """Fixed-capacity KV cache with per-sequence lengths.
+
+    Attributes:
+        k: [layers, batch, capacity, kv_heads, head_dim] keys (RoPE applied).
+        v: [layers, batch, capacity, kv_heads, head_dim] values.
+        lengths: int32 [batch], number of valid positions of each sequence; position p of
+            sequence b lives at index p, and indices >= lengths[b] hold nothing meaningful.
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    lengths: jnp.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, capacity: int, dtype=None) -> KVCache:
+        """An empty cache (all lengths 0)."""
+        shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+        dt = dtype or cfg.jnp_dtype
+        return cls(
+            k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), lengths=jnp.zeros((batch,), jnp.int32)
+        )
+
+    @classmethod
+    def abstract(cls, cfg: LlamaConfig, batch: int, capacity: int, dtype=None) -> KVCache:
+        """Shape/dtype structs of `init` (for tracing and export without allocating)."""
+        return jax.eval_shape(lambda: cls.init(cfg, batch, capacity, dtype))
+
+
+def write_layer(
+    cache_k: jnp.ndarray,
+    cache_v: jnp.ndarray,
+    layer: jnp.ndarray,
+    positions: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Writes a block of K/V for one layer at per-sequence positions.
+
+    Args:
+        cache_k, cache_v: [layers, batch, capacity, kv_heads, head_dim].
+        layer: scalar int, the layer index.
+        positions: int32 [batch, t], where each new entry goes (lengths[b] + 0..t-1).
+        k, v: [batch, t, kv_heads, head_dim].
+
+    Positions at or past the capacity are dropped (never clamped onto valid entries).
+    """
+    b = jnp.arange(positions.shape[0])[:, None]  # [batch, 1]
+    cache_k = cache_k.at[layer, b, positions].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[layer, b, positions].set(v.astype(cache_v.dtype), mode="drop")
+    return cache_k, cache_v
+
+
+def write(cache: KVCache, layer: int, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
+    """Writes k, v [batch, t, kv_heads, head_dim] for `layer` at positions lengths[b] + 0..t-1.
+
+    Lengths are not changed: call `advance` / `rollback` to commit how many entries are valid.
+    """
+    t = k.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]
+    ck, cv = write_layer(cache.k, cache.v, jnp.asarray(layer), positions, k, v)
+    return cache.replace(k=ck, v=cv)
+
+
+def advance(cache: KVCache, n: jnp.ndarray | int) -> KVCache:
+    """Marks n (scalar or [batch]) more positions valid, capped at the capacity."""
+    return cache.replace(lengths=jnp.minimum(cache.lengths + n, cache.capacity).astype(jnp.int32))
+
+
+def rollback(cache: KVCache, lengths: jnp.ndarray) -> KVCache:
+    """Moves lengths back to `lengths` [batch] (never forward): rejected entries are dropped."""
+    return cache.replace(lengths=jnp.minimum(cache.lengths, lengths).astype(jnp.int32))
+
+
+def set_lengths(cache: KVCache, lengths: jnp.ndarray) -> KVCache:
+    """Sets lengths [batch] directly (e.g. prompt lengths after a padded prefill)."""
+    return cache.replace(lengths=jnp.clip(lengths, 0, cache.capacity).astype(jnp.int32))

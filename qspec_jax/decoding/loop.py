@@ -1,0 +1,420 @@
+"""Generation as one jitted `lax.while_loop`: autoregressive decoding and QSpec.
+
+The whole generation, prefill to last token, is one jitted function (`generate`): prefill the
+padded prompts, then `lax.while_loop(cond, step, state)` with no host round trip per token. The
+same `step` runs in a plain Python loop (`generate_python`) for debugging.
+
+Two step kinds share the state:
+
+* autoregressive (`mode` in fp / w4a16 / w4a4 / w4a8): one token per sequence per step;
+* QSpec (`mode="qspec"`): draft gamma tokens in the draft precision (W4A4), writing their K/V into
+  the shared cache; verify the last committed token plus the gamma drafts in ONE forward in the
+  verify precision (W4A16), which overwrites those gamma + 1 K/V entries; accept the longest
+  matching prefix (or, when sampling, speculative sampling's min(1, p/q) rule), append the
+  verifier's own next token, and roll the cache length back past the rejected drafts. Every
+  sequence accepts its own number of tokens each step.
+
+Invariant between steps: for each sequence, `cache.lengths[b]` positions hold verified K/V
+(prompt + committed tokens except the last), and `last_token[b]` is the last committed token,
+whose K/V are not yet in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qspec_jax.cache.kv_cache import KVCache, set_lengths
+from qspec_jax.config import LlamaConfig, QuantConfig
+from qspec_jax.decoding.sampling import (
+    SamplingConfig,
+    filtered_probs,
+    sample,
+    sample_from_probs,
+)
+from qspec_jax.model.llama import forward
+from qspec_jax.model.params import Params
+
+MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec")
+MAX_GAMMA = 16
+
+# finish reasons
+RUNNING, STOP, LENGTH = 0, 1, 2
+FINISH_NAMES = {RUNNING: None, STOP: "stop", LENGTH: "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Static decoding settings (hashable: a jit static argument).
+
+    Attributes:
+        mode: "fp" | "w4a16" | "w4a4" | "w4a8" (autoregressive) or "qspec".
+        max_new_tokens: the most tokens generated per sequence.
+        sampling: greedy / temperature / top-k / top-p.
+        eos_ids: token ids that end a sequence.
+        gamma: QSpec draft length (tokens drafted per verify step).
+        draft_precision / verify_precision: QSpec's two precisions over the same weights.
+        impl: kernel implementation override (see `pallas_kernels.dispatch`).
+    """
+
+    mode: str = "fp"
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = SamplingConfig()
+    eos_ids: tuple[int, ...] = ()
+    gamma: int = 3
+    draft_precision: str = "w4a4"
+    verify_precision: str = "w4a16"
+    impl: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.mode == "qspec" and not 1 <= self.gamma <= MAX_GAMMA:
+            raise ValueError(f"gamma must be in 1..{MAX_GAMMA}, got {self.gamma}")
+
+    @property
+    def speculative(self) -> bool:
+        return self.mode == "qspec"
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Cache positions one step may write: 1, or gamma + 1 for QSpec."""
+        return self.gamma + 1 if self.speculative else 1
+
+    @property
+    def main_precision(self) -> str:
+        """The precision of prefill and of the output distribution."""
+        return self.verify_precision if self.speculative else self.mode
+
+    @property
+    def out_len(self) -> int:
+        """Output buffer length: a QSpec step may overshoot max_new_tokens by up to gamma."""
+        return self.max_new_tokens + self.tokens_per_step
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the loop carries.
+
+    Attributes:
+        cache: the shared KV cache; lengths[b] = verified positions of sequence b.
+        last_token: int32 [batch], last committed token (its K/V not yet in the cache).
+        out_tokens: int32 [batch, out_len], generated tokens (valid up to num_generated).
+        num_generated: int32 [batch], tokens generated so far (EOS included).
+        done: bool [batch], the sequence has finished.
+        finish: int32 [batch], RUNNING / STOP (EOS) / LENGTH (max_new_tokens or cache full).
+        key: PRNG key for sampling.
+        steps: int32 [], loop iterations run (tokens for AR, draft+verify rounds for QSpec).
+        draft_proposed: int32 [batch], draft tokens proposed while the sequence was active.
+        draft_accepted: int32 [batch], draft tokens the verifier accepted.
+        verify_steps: int32 [batch], steps in which the sequence was active.
+    """
+
+    cache: KVCache
+    last_token: jnp.ndarray
+    out_tokens: jnp.ndarray
+    num_generated: jnp.ndarray
+    done: jnp.ndarray
+    finish: jnp.ndarray
+    key: jax.Array
+    steps: jnp.ndarray
+    draft_proposed: jnp.ndarray
+    draft_accepted: jnp.ndarray
+    verify_steps: jnp.ndarray
+
+
+def _is_eos(tokens: jnp.ndarray, dc: DecodeConfig) -> jnp.ndarray:
+    if not dc.eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(dc.eos_ids, jnp.int32))
+
+
+def _update_finish(state: DecodeState, newly_stopped: jnp.ndarray, dc: DecodeConfig) -> DecodeState:
+    """Marks sequences done: EOS seen, max_new_tokens reached, or no room for another step."""
+    active = ~state.done
+    full = state.cache.lengths + dc.tokens_per_step > state.cache.capacity
+    at_max = state.num_generated >= dc.max_new_tokens
+    stop = active & newly_stopped
+    length = active & ~newly_stopped & (at_max | full)
+    finish = jnp.where(stop, STOP, jnp.where(length, LENGTH, state.finish))
+    return state.replace(done=state.done | stop | length, finish=finish.astype(jnp.int32))
+
+
+def prefill(
+    params: Params,
+    cache: KVCache,
+    prompt_tokens: jnp.ndarray,
+    prompt_lens: jnp.ndarray,
+    key: jax.Array,
+    cfg: LlamaConfig,
+    qcfg: QuantConfig,
+    dc: DecodeConfig,
+) -> DecodeState:
+    """Runs the padded prompts [batch, T] through the model and draws the first token.
+
+    Prompts are right-padded; entries past prompt_lens[b] are written but never marked valid,
+    and later steps overwrite them.
+    """
+    b = prompt_tokens.shape[0]
+    cache = set_lengths(cache, jnp.zeros((b,), jnp.int32))
+    with jax.named_scope("prefill"):
+        logits, cache = forward(
+            params, prompt_tokens, cache, cfg, qcfg, dc.main_precision,
+            logits_index=prompt_lens - 1, impl=dc.impl,
+        )  # [batch, V]
+    key, sub = jax.random.split(key)
+    first = sample(logits, sub, dc.sampling)  # [batch]
+    out = jnp.zeros((b, dc.out_len), jnp.int32).at[:, 0].set(first)
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = DecodeState(
+        cache=set_lengths(cache, prompt_lens),
+        last_token=first,
+        out_tokens=out,
+        num_generated=jnp.ones((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        finish=zeros,
+        key=key,
+        steps=jnp.zeros((), jnp.int32),
+        draft_proposed=zeros,
+        draft_accepted=zeros,
+        verify_steps=zeros,
+    )
+    return _update_finish(state, _is_eos(first, dc), dc)
+
+
+def _commit(
+    state: DecodeState,
+    emitted: jnp.ndarray,
+    n_emit: jnp.ndarray,
+    cache: KVCache,
+    dc: DecodeConfig,
+) -> DecodeState:
+    """Appends up to n_emit[b] tokens of emitted [batch, w] to each active sequence.
+
+    Truncates at the first EOS and at max_new_tokens, then sets the cache length so that every
+    committed token but the last has its K/V in the cache.
+    """
+    b, w = emitted.shape
+    active = ~state.done
+    j = jnp.arange(w, dtype=jnp.int32)[None, :]  # [1, w]
+    eos = _is_eos(emitted, dc) & (j < n_emit[:, None])  # [batch, w]
+    first_eos = jnp.where(eos.any(-1), jnp.argmax(eos, axis=-1), w)  # [batch]
+    room = dc.max_new_tokens - state.num_generated
+    count = jnp.minimum(jnp.minimum(n_emit, first_eos + 1), room)
+    count = jnp.where(active, jnp.maximum(count, 0), 0)  # [batch]
+    idx = state.num_generated[:, None] + j  # [batch, w]
+    idx = jnp.where(j < count[:, None], idx, dc.out_len)  # out of range -> dropped
+    rows = jnp.arange(b)[:, None]
+    out = state.out_tokens.at[rows, idx].set(emitted, mode="drop")
+    last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    new_lengths = jnp.where(active, state.cache.lengths + count, state.cache.lengths)
+    stopped = first_eos < count  # the EOS itself was committed
+    state = state.replace(
+        cache=set_lengths(cache, new_lengths),
+        last_token=jnp.where(active, last, state.last_token),
+        out_tokens=out,
+        num_generated=state.num_generated + count,
+        steps=state.steps + 1,
+        verify_steps=state.verify_steps + active.astype(jnp.int32),
+    )
+    return _update_finish(state, stopped & active, dc)
+
+
+def ar_step(
+    state: DecodeState, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc: DecodeConfig
+) -> DecodeState:
+    """One autoregressive token per sequence in precision `dc.mode`."""
+    b = state.last_token.shape[0]
+    with jax.named_scope("ar_step"):
+        logits, cache = forward(
+            params, state.last_token[:, None], state.cache, cfg, qcfg, dc.mode,
+            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
+        )  # [batch, V]
+        key, sub = jax.random.split(state.key)
+        nxt = sample(logits, sub, dc.sampling)  # [batch]
+    state = state.replace(key=key)
+    return _commit(state, nxt[:, None], jnp.ones((b,), jnp.int32), cache, dc)
+
+
+def _draft(state: DecodeState, params, cfg, qcfg, dc: DecodeConfig):
+    """Drafts gamma tokens autoregressively in the draft precision, writing their K/V.
+
+    Returns (cache, drafts int32 [batch, gamma + 1] with drafts[:, 0] = last_token,
+    q_probs float32 [batch, gamma, V] (None when greedy), key).
+    """
+    b = state.last_token.shape[0]
+    gamma, sc = dc.gamma, dc.sampling
+    base = state.cache.lengths
+    drafts = jnp.zeros((b, gamma + 1), jnp.int32).at[:, 0].set(state.last_token)
+    q_probs = None if sc.greedy else jnp.zeros((b, gamma, cfg.vocab_size), jnp.float32)
+
+    def body(i, carry):
+        cache, drafts, q_probs, key = carry
+        tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
+        cache = cache.replace(lengths=base + i)
+        logits, cache = forward(
+            params, tok, cache, cfg, qcfg, dc.draft_precision,
+            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
+        )  # [batch, V]
+        key, sub = jax.random.split(key)
+        if sc.greedy:
+            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            q = filtered_probs(logits, sc)  # [batch, V]
+            nxt = sample_from_probs(q, sub)
+            q_probs = jax.lax.dynamic_update_slice_in_dim(q_probs, q[:, None], i, axis=1)
+        drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None], i + 1, axis=1)
+        return cache, drafts, q_probs, key
+
+    with jax.named_scope("draft"):
+        cache, drafts, q_probs, key = jax.lax.fori_loop(
+            0, gamma, body, (state.cache, drafts, q_probs, state.key)
+        )
+    return cache.replace(lengths=base), drafts, q_probs, key
+
+
+def accept_greedy(drafts: jnp.ndarray, target_logits: jnp.ndarray):
+    """Exact greedy acceptance.
+
+    Args:
+        drafts: int32 [batch, gamma + 1]; drafts[:, 0] is the last committed token.
+        target_logits: [batch, gamma + 1, V] verifier logits at those positions.
+
+    Returns:
+        (n_accepted int32 [batch], emitted int32 [batch, gamma + 1]): the first n_accepted
+        drafts followed by the verifier's own token at position n_accepted.
+    """
+    gamma = drafts.shape[1] - 1
+    target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [batch, gamma + 1]
+    match = drafts[:, 1:] == target[:, :gamma]  # [batch, gamma]
+    n = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1)  # [batch]
+    return n, _emit(drafts, n, jnp.take_along_axis(target, n[:, None], axis=1)[:, 0])
+
+
+def _emit(drafts, n, extra):
+    gamma = drafts.shape[1] - 1
+    j = jnp.arange(gamma + 1)[None, :]
+    shifted = jnp.concatenate([drafts[:, 1:], drafts[:, :1]], axis=1)  # [batch, gamma + 1]
+    return jnp.where(j < n[:, None], shifted, extra[:, None]).astype(jnp.int32)
+
+
+def accept_sampling(
+    drafts: jnp.ndarray,
+    q_probs: jnp.ndarray,
+    p_probs: jnp.ndarray,
+    key: jax.Array,
+):
+    """Speculative sampling (Leviathan et al. / Chen et al.): output distributed as p.
+
+    Draft token d_{i+1} ~ q_i is accepted with probability min(1, p_i(d) / q_i(d)); at the first
+    rejection the replacement is drawn from normalize(max(0, p_i - q_i)); if all gamma are
+    accepted a bonus token is drawn from p_gamma.
+
+    Args:
+        drafts: int32 [batch, gamma + 1].
+        q_probs: [batch, gamma, V] draft distributions the drafts were drawn from.
+        p_probs: [batch, gamma + 1, V] verifier distributions (same filtering).
+        key: PRNG key.
+
+    Returns:
+        (n_accepted [batch], emitted [batch, gamma + 1]).
+    """
+    b, g1, v = p_probs.shape
+    gamma = g1 - 1
+    d = drafts[:, 1:]  # [batch, gamma]
+    p_d = jnp.take_along_axis(p_probs[:, :gamma], d[..., None], axis=-1)[..., 0]  # [batch, gamma]
+    q_d = jnp.take_along_axis(q_probs, d[..., None], axis=-1)[..., 0]
+    k_acc, k_res = jax.random.split(key)
+    u = jax.random.uniform(k_acc, (b, gamma))
+    accepted = u * q_d < p_d  # u < p/q without dividing by a zero q
+    n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1)  # [batch]
+    residual = jnp.maximum(p_probs[:, :gamma] - q_probs, 0.0)  # [batch, gamma, V]
+    residual = jnp.concatenate([residual, p_probs[:, gamma:]], axis=1)  # [batch, gamma + 1, V]
+    row = jnp.take_along_axis(residual, n[:, None, None], axis=1)[:, 0]  # [batch, V]
+    p_row = jnp.take_along_axis(p_probs, n[:, None, None], axis=1)[:, 0]
+    row = jnp.where(row.sum(-1, keepdims=True) > 0, row, p_row)  # p == q exactly: draw from p
+    extra = sample_from_probs(row, k_res)
+    return n, _emit(drafts, n, extra)
+
+
+def qspec_step(
+    state: DecodeState, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc: DecodeConfig
+) -> DecodeState:
+    """One QSpec round: draft gamma (draft precision), verify gamma + 1 (verify precision)."""
+    cache, drafts, q_probs, key = _draft(state, params, cfg, qcfg, dc)
+    with jax.named_scope("verify"):
+        # Same positions as the drafts: the verifier's K/V overwrite the draft's.
+        logits, cache = forward(
+            params, drafts, cache, cfg, qcfg, dc.verify_precision, impl=dc.impl
+        )  # [batch, gamma + 1, V]
+    key, sub = jax.random.split(key)
+    with jax.named_scope("accept"):
+        if dc.sampling.greedy:
+            n, emitted = accept_greedy(drafts, logits)
+        else:
+            n, emitted = accept_sampling(drafts, q_probs, filtered_probs(logits, dc.sampling), sub)
+    active = (~state.done).astype(jnp.int32)
+    state = state.replace(
+        key=key,
+        draft_proposed=state.draft_proposed + dc.gamma * active,
+        draft_accepted=state.draft_accepted + n * active,
+    )
+    return _commit(state, emitted, n + 1, cache, dc)
+
+
+def step(state: DecodeState, params: Params, cfg, qcfg, dc: DecodeConfig) -> DecodeState:
+    """The one step function shared by the jitted loop and the Python loop."""
+    if dc.speculative:
+        return qspec_step(state, params, cfg, qcfg, dc)
+    return ar_step(state, params, cfg, qcfg, dc)
+
+
+def cond(state: DecodeState) -> jnp.ndarray:
+    return ~jnp.all(state.done)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "qcfg", "dc"), donate_argnames=("cache",))
+def generate(
+    params: Params,
+    cache: KVCache,
+    prompt_tokens: jnp.ndarray,
+    prompt_lens: jnp.ndarray,
+    key: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    qcfg: QuantConfig,
+    dc: DecodeConfig,
+) -> DecodeState:
+    """Prefill and the whole decode loop in one jitted call (the cache buffer is donated).
+
+    Args:
+        params: model weights.
+        cache: a KV cache of the batch size; its contents are ignored and its buffer reused.
+        prompt_tokens: int32 [batch, T] right-padded prompts (T a bucket size).
+        prompt_lens: int32 [batch] real prompt lengths (>= 1).
+        key: PRNG key.
+        cfg, qcfg, dc: static configs.
+
+    Returns:
+        The final DecodeState (tokens in out_tokens[:, :num_generated]).
+    """
+    state = prefill(params, cache, prompt_tokens, prompt_lens, key, cfg, qcfg, dc)
+    return jax.lax.while_loop(cond, lambda s: step(s, params, cfg, qcfg, dc), state)
+
+
+_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "qcfg", "dc"))
+_step_jit = jax.jit(step, static_argnames=("cfg", "qcfg", "dc"))
+
+
+def generate_python(params, cache, prompt_tokens, prompt_lens, key, *, cfg, qcfg, dc):
+    """The same generation as `generate`, stepping from Python (for debugging and tracing)."""
+    state = _prefill_jit(params, cache, prompt_tokens, prompt_lens, key, cfg=cfg, qcfg=qcfg, dc=dc)
+    while bool(cond(state)):
+        state = _step_jit(state, params, cfg=cfg, qcfg=qcfg, dc=dc)
+    return state
