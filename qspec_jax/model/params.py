@@ -57,30 +57,34 @@ class Params:
     lm_head: jnp.ndarray | None = None
 
 
-def init_params(cfg: LlamaConfig, key: jax.Array, scale: float = 0.02) -> Params:
-    """Random float parameters for a config (for tests and the big-model shape presets)."""
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random float parameters for a config (for tests and the big-model shape presets).
+
+    Linear weights have std 1/sqrt(fan_in) so activations keep their scale through the blocks and
+    a random model's next-token choice depends on the whole context (not only the last token).
+    """
     d, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     qkv = cfg.q_size + 2 * cfg.kv_size
     dt = cfg.jnp_dtype
     ks = jax.random.split(key, 8)
 
-    def rnd(k, shape):
-        return (scale * jax.random.normal(k, shape, jnp.float32)).astype(dt)
+    def rnd(k, shape, fan_in):
+        return (jax.random.normal(k, shape, jnp.float32) / fan_in**0.5).astype(dt)
 
     layers = LayerParams(
         attn_norm=(1.0 + 0.1 * jax.random.normal(ks[0], (n_layers, d))).astype(dt),
-        wqkv=rnd(ks[1], (n_layers, d, qkv)),
-        bqkv=rnd(ks[2], (n_layers, qkv)) if cfg.qkv_bias else None,
-        wo=rnd(ks[3], (n_layers, cfg.q_size, d)),
+        wqkv=rnd(ks[1], (n_layers, d, qkv), d),
+        bqkv=rnd(ks[2], (n_layers, qkv), d) if cfg.qkv_bias else None,
+        wo=rnd(ks[3], (n_layers, cfg.q_size, d), cfg.q_size),
         mlp_norm=(1.0 + 0.1 * jax.random.normal(ks[4], (n_layers, d))).astype(dt),
-        w_gate_up=rnd(ks[5], (n_layers, d, 2 * f)),
-        w_down=rnd(ks[6], (n_layers, f, d)),
+        w_gate_up=rnd(ks[5], (n_layers, d, 2 * f), d),
+        w_down=rnd(ks[6], (n_layers, f, d), f),
     )
     return Params(
-        embed=rnd(ks[7], (cfg.vocab_size, d)) * 50.0,
+        embed=rnd(ks[7], (cfg.vocab_size, d), 1),
         layers=layers,
         final_norm=jnp.ones((d,), dt),
-        lm_head=None if cfg.tie_embeddings else rnd(jax.random.fold_in(key, 99), (d, cfg.vocab_size)),
+        lm_head=None if cfg.tie_embeddings else rnd(jax.random.fold_in(key, 99), (d, cfg.vocab_size), d),
     )
 
 

@@ -1,0 +1,191 @@
+"""The `qspec-jax` command line.
+
+Subcommands:
+    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec)
+    demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
+
+Bad input prints one line to stderr and exits with status 2; nothing is half written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from qspec_jax.decoding.loop import MODES
+
+EXIT_USAGE = 2
+
+DEMO_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. How many clips did Natalia sell altogether in April and May? Think step by step.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain in two sentences why the sky is blue.",
+    "A train travels 60 km per hour for 3 hours. How far does it go?",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message):  # noqa: D401
+        raise CliError(f"{self.prog}: {message} (see --help)")
+
+
+class CliError(Exception):
+    """A usage problem reported as one line, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from qspec_jax.engine import QUANT_METHODS  # noqa: PLC0415
+
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded), a preset, a .gguf file, an HF dir or a checkpoint")
+    p.add_argument("--quant", default=None, choices=QUANT_METHODS,
+                   help="weight quantization applied at load (default: none, or the mode's need)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="weight group size for the quantizer (0 = per channel)")
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise CliError(f"prompts file {path} does not exist: give a .jsonl file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CliError(f"{path} line {n} is not valid JSON ({e.msg}): one object per line") from None
+            if isinstance(obj, str):
+                prompts.append(obj)
+            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+                prompts.append(obj["prompt"])
+            else:
+                raise CliError(f'{path} line {n} has no "prompt" string: write {{"prompt": "..."}}')
+    if not prompts:
+        raise CliError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def _default_quant(mode: str, quant: str | None) -> str | None:
+    if quant is not None:
+        return quant
+    return None if mode == "fp" else "quarot-rtn"
+
+
+def cmd_generate(args) -> int:
+    from qspec_jax.engine import load  # noqa: PLC0415
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += _read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise CliError("no prompts: give --prompt TEXT or --prompts-file F.jsonl")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    engine = load(args.model, quant=_default_quant(args.mode, args.quant), group_size=args.group_size,
+                  progress=not args.json)
+    engine.check_mode(args.mode)
+    res = engine.generate(
+        prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat, gamma=args.gamma,
+    )
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        for i, text in enumerate(res.texts):
+            print(f"--- [{i}] ({res.finish_reasons[i]}, {len(res.tokens[i])} tokens)")
+            print(text)
+        s = res.stats
+        line = f"--- {s['tokens_generated']} tokens in {s['wall_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s ({args.mode})"
+        if args.mode == "qspec":
+            line += f", acceptance {s['acceptance_rate']:.2f}, {s['mean_tokens_per_step']:.2f} tokens/step"
+        print(line)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from qspec_jax.engine import load  # noqa: PLC0415
+
+    print(f"Loading {args.model} and quantizing with {args.quant} (group {args.group_size}) ...")
+    engine = load(args.model, quant=args.quant, group_size=args.group_size)
+    prompts = DEMO_PROMPTS[: args.num_prompts]
+    kw = dict(max_new_tokens=args.max_new_tokens, chat=True)
+    rows = []
+    for mode in ("w4a16", "w4a4", "qspec"):
+        engine.generate(prompts, mode=mode, gamma=args.gamma, **kw)  # compile + warm up
+        res = engine.generate(prompts, mode=mode, gamma=args.gamma, **kw)
+        rows.append((mode, res))
+    base = rows[0][1]
+    for i, p in enumerate(prompts):
+        print(f"\n=== prompt {i}: {p}")
+        for mode, res in rows:
+            print(f"--- {mode}: {res.texts[i]!r}")
+    print(f"\n{'mode':<8} {'tokens/s':>9} {'vs w4a16':>9} {'same tokens as w4a16':>21} {'acceptance':>11}")
+    for mode, res in rows:
+        same = sum(a == b for a, b in zip(res.tokens, base.tokens))
+        acc = res.stats.get("acceptance_rate")
+        print(
+            f"{mode:<8} {res.stats['tokens_per_s']:>9.1f} "
+            f"{res.stats['tokens_per_s'] / base.stats['tokens_per_s']:>8.2f}x "
+            f"{same:>12}/{len(prompts):<8} {'' if acc is None else f'{acc:.2f}':>11}"
+        )
+    print(f"(batch {len(prompts)}, {args.max_new_tokens} new tokens, gamma {args.gamma}, "
+          f"weights {engine.weight_bytes / 2**20:.1f} MiB, one int4 copy for every mode)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qspec-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate from prompts")
+    _add_model_args(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="a .jsonl file of {\"prompt\": ...} objects")
+    g.add_argument("--mode", default="fp", choices=MODES)
+    g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="QSpec vs W4A16 on the embedded model")
+    _add_model_args(d)
+    d.set_defaults(quant="quarot-rtn")
+    d.add_argument("--gamma", type=int, default=3)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--num-prompts", type=int, default=4)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qspec_jax.engine import UsageError  # noqa: PLC0415
+    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            raise CliError("qspec-jax: give a command: generate, demo (see --help)")
+        return args.func(args)
+    except (CliError, UsageError, LoadError) as e:
+        print(f"error: {e}" if not str(e).startswith("qspec-jax") else str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
