@@ -77,9 +77,21 @@ _LINEARS = (
 # Llama-3.x RoPE scalings llama.cpp bakes into a `rope_freqs.weight` tensor (it drops the
 # parameters from the metadata), recognised by recomputing their per-frequency factors.
 _KNOWN_LLAMA3_SCALINGS = (
-    RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-    RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-    RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+    RopeScaling(
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+    RopeScaling(
+        factor=16.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
 )
 
 
@@ -91,7 +103,9 @@ _KNOWN_LLAMA3_SCALINGS = (
 def _float_dtype(dtype: Any) -> np.dtype:
     dt = jnp.dtype(dtype)
     if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"dtype must be a float dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+        raise ValueError(
+            f"dtype must be a float dtype such as 'float32' or 'bfloat16', got {dtype!r}"
+        )
     return dt
 
 
@@ -145,13 +159,19 @@ def _llama3_rope_factors(head_dim: int, theta: float, rs: RopeScaling) -> np.nda
 def _open(path: str):
     """Opens a GGUF file with `gguf.GGUFReader`, turning every failure into a `LoadError`."""
     if not os.path.exists(path):
-        raise load_error(path, "no such GGUF file", "check the path, or pass 'smollm2-135m' for the embedded model")
+        raise load_error(
+            path,
+            "no such GGUF file",
+            "check the path, or pass 'smollm2-135m' for the embedded model",
+        )
     if not os.path.isfile(path):
         raise load_error(path, "is not a regular file", "pass the path of a .gguf file")
     try:
         from gguf import GGUFReader
     except ImportError as e:  # pragma: no cover - gguf is a hard dependency
-        raise load_error(path, f"the gguf package is not importable ({e})", "run `pip install gguf`") from e
+        raise load_error(
+            path, f"the gguf package is not importable ({e})", "run `pip install gguf`"
+        ) from e
     try:
         reader = GGUFReader(path)
     except Exception as e:
@@ -161,7 +181,9 @@ def _open(path: str):
             "re-download or re-convert the file",
         ) from e
     if reader.byte_order != "I":
-        raise load_error(path, "is a byte-swapped (big-endian) GGUF file", "convert it to little-endian GGUF")
+        raise load_error(
+            path, "is a byte-swapped (big-endian) GGUF file", "convert it to little-endian GGUF"
+        )
     _check_tensor_extents(path, reader)
     return reader
 
@@ -193,7 +215,9 @@ def _architecture(path: str, reader) -> str:
         return str(_meta(reader, "general.architecture"))
     except KeyError:
         raise load_error(
-            path, "has no 'general.architecture' metadata", "re-convert it with llama.cpp's convert_hf_to_gguf.py"
+            path,
+            "has no 'general.architecture' metadata",
+            "re-convert it with llama.cpp's convert_hf_to_gguf.py",
         ) from None
 
 
@@ -211,7 +235,9 @@ def _config_from_reader(path: str, reader, dtype: str, tensor_names: set[str]) -
             return _meta(reader, key)
         except KeyError:
             raise load_error(
-                path, f"is missing the metadata key {key!r}", "re-convert it with llama.cpp's convert_hf_to_gguf.py"
+                path,
+                f"is missing the metadata key {key!r}",
+                "re-convert it with llama.cpp's convert_hf_to_gguf.py",
             ) from None
 
     n_layers = int(req("llama.block_count"))
@@ -220,7 +246,11 @@ def _config_from_reader(path: str, reader, dtype: str, tensor_names: set[str]) -
     n_heads = int(req("llama.attention.head_count"))
     n_kv = int(_meta(reader, "llama.attention.head_count_kv", n_heads))
     rope_dim = _meta(reader, "llama.rope.dimension_count", None)
-    head_dim = int(_meta(reader, "llama.attention.key_length", rope_dim if rope_dim is not None else d // n_heads))
+    head_dim = int(
+        _meta(
+            reader, "llama.attention.key_length", rope_dim if rope_dim is not None else d // n_heads
+        )
+    )
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise load_error(
             path,
@@ -229,9 +259,17 @@ def _config_from_reader(path: str, reader, dtype: str, tensor_names: set[str]) -
         )
     value_dim = int(_meta(reader, "llama.attention.value_length", head_dim))
     if value_dim != head_dim:
-        raise load_error(path, f"has value heads of width {value_dim} != key width {head_dim}", "use a standard Llama model")
+        raise load_error(
+            path,
+            f"has value heads of width {value_dim} != key width {head_dim}",
+            "use a standard Llama model",
+        )
     if n_heads % n_kv:
-        raise load_error(path, f"has {n_heads} heads, not a multiple of {n_kv} KV heads", "the file is corrupt; re-convert it")
+        raise load_error(
+            path,
+            f"has {n_heads} heads, not a multiple of {n_kv} KV heads",
+            "the file is corrupt; re-convert it",
+        )
 
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _meta(reader, "llama.vocab_size", None)
@@ -241,7 +279,9 @@ def _config_from_reader(path: str, reader, dtype: str, tensor_names: set[str]) -
         emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         vocab = int(emb.shape[-1]) if emb is not None else None
     if vocab is None:
-        raise load_error(path, "gives no vocabulary size", "re-convert it with llama.cpp's convert_hf_to_gguf.py")
+        raise load_error(
+            path, "gives no vocabulary size", "re-convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
 
     theta = _f32_value(_meta(reader, "llama.rope.freq_base", 10000.0))
     eps = _f32_value(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5))
@@ -260,7 +300,11 @@ def _config_from_reader(path: str, reader, dtype: str, tensor_names: set[str]) -
 
     bos = _meta(reader, "tokenizer.ggml.bos_token_id", None)
     eos_ids: list[int] = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+    for key in (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ):
         v = _meta(reader, key, None)
         if v is not None and int(v) not in eos_ids:
             eos_ids.append(int(v))
@@ -330,9 +374,13 @@ class _Tensors:
         t = self.by_name.get(name)
         if t is None:
             raise load_error(
-                self.path, f"is missing the tensor {name!r}", "the file is incomplete or not a standard Llama conversion"
+                self.path,
+                f"is missing the tensor {name!r}",
+                "the file is incomplete or not a standard Llama conversion",
             )
-        got = tuple(int(s) for s in reversed(t.shape))  # ggml shape is [in, out]; numpy is [out, in]
+        got = tuple(
+            int(s) for s in reversed(t.shape)
+        )  # ggml shape is [in, out]; numpy is [out, in]
         while len(got) > len(shape) and got[0] == 1:
             got = got[1:]
         if got != tuple(shape):
@@ -378,7 +426,9 @@ class _Tensors:
         blocks = np.asarray(t.data, dtype=np.uint8).reshape(n_out, nb, _Q4_1_BYTES)
         d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(n_out, nb)
         m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).reshape(n_out, nb)
-        qs = blocks[..., 4:]  # [out, nb, 16]: byte j = element j (low nibble) | element j + 16 (high)
+        qs = blocks[
+            ..., 4:
+        ]  # [out, nb, 16]: byte j = element j (low nibble) | element j + 16 (high)
         codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n_out, n_in)
         return codes.T, d.T.astype(np.float32), m.T.astype(np.float32)
 
@@ -430,7 +480,11 @@ def _stack_int4(tensors: _Tensors, cfg: LlamaConfig) -> dict[str, QuantizedWeigh
 
     # name -> list of (gguf suffix, numpy [out, in] shape, column gather index or None)
     fused = {
-        "wqkv": [("attn_q.weight", (q, d), q_idx), ("attn_k.weight", (kv, d), k_idx), ("attn_v.weight", (kv, d), None)],
+        "wqkv": [
+            ("attn_q.weight", (q, d), q_idx),
+            ("attn_k.weight", (kv, d), k_idx),
+            ("attn_v.weight", (kv, d), None),
+        ],
         "wo": [("attn_output.weight", (d, q), None)],
         "w_gate_up": [("ffn_gate.weight", (f, d), None), ("ffn_up.weight", (f, d), None)],
         "w_down": [("ffn_down.weight", (d, f), None)],
@@ -509,7 +563,9 @@ def load_gguf(
     _check_known_tensors(path, names, cfg.num_layers)
     if any(n.startswith(f"blk.{cfg.num_layers}.") for n in names):
         raise load_error(
-            path, f"has more decoder blocks than its block_count {cfg.num_layers}", "the file is corrupt; re-convert it"
+            path,
+            f"has more decoder blocks than its block_count {cfg.num_layers}",
+            "the file is corrupt; re-convert it",
         )
     tensors = _Tensors(path, reader)
 
@@ -546,4 +602,3 @@ def load_gguf(
         lm_head=None if lm_head is None else arr(lm_head),
     )
     return cfg, params, quant
-
