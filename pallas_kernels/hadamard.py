@@ -32,8 +32,10 @@ Three implementations of the same function:
 
 * `hadamard_transform_reference`: dense ``x @ hadamard_matrix(n)`` in float32 (the definition);
 * `hadamard_transform_xla`: the fast factorised transform in plain jnp (the CPU path);
-* `hadamard_transform_pallas`: the same factorisation as a chain of Pallas kernels (one per
-  Kronecker factor), lowering through Triton on GPU.
+* `hadamard_transform_pallas`: one Pallas kernel (Triton lowering) that treats each row as a
+  matrix X [m', P2] (n = m' * P2, P2 a power of two) and computes ``A^T X C / sqrt(n)`` with
+  ``A = kron(B_m, S_{P/P2})`` and ``C = S_{P2}``: two small dense matmuls per row, on tensor cores
+  (``kron(A, C)`` applied to a row-major vec(X) is ``A^T X C``). Needs P >= 16.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 # ----------------------------------------------------------------------------------------------
 # Exact constructions
@@ -313,19 +317,136 @@ def hadamard_transform_xla(x: jax.Array, *, max_radix: int = 64) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class HadamardBlockSizes:
-    """Block sizes of the Pallas Hadamard kernels.
+class BlockSizes:
+    """Block sizes of the Pallas Hadamard kernel.
+
+    The kernel views each row of x as a matrix X [m', P2] (row-major, n = m' * P2, P2 a power of
+    two) and computes ``A^T X C`` with ``A = kron(B_m, S_{P/P2})`` [m', m'] and ``C = S_{P2}``
+    (``kron(A, C) = kron(B_m, S_P)``); m' is zero-padded to a power of two m'_pad.
 
     Attributes:
-      block_m: rows of x per program (power of two).
-      block_n: unused by the Hadamard kernels (kept for a uniform block-size interface).
-      block_k: the largest Sylvester factor (radix) applied per kernel (power of two).
+      block_m: rows of ``A^T X`` (out of m'_pad) per program (power of two >= 16).
+      block_n: the largest P2 considered (power of two >= 16); P2 is chosen to minimise
+        ``m'_pad^2 * P2 + m'_pad * P2^2`` multiply-adds per row.
+      block_k: the contraction step over m'_pad (power of two >= 16).
       num_warps: Triton warps per program.
-      num_stages: Triton pipeline stages.
+      num_stages: Triton software-pipelining stages.
     """
 
     block_m: int = 64
-    block_n: int = 0
+    block_n: int = 128
     block_k: int = 64
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 2
+
+
+def kronecker_plan(n: int, max_p2: int = 128) -> tuple[int, int, int]:
+    """(m', m'_pad, P2) used by the Pallas kernel for order n (see `BlockSizes`).
+
+    Raises:
+      NotImplementedError: if n has no construction, or fewer than 16 Sylvester columns (P < 16).
+    """
+    m, p = hadamard_factors(n)
+    best = None
+    p2 = 16
+    while p2 <= min(p, max_p2):
+        mp = n // p2
+        mpad = max(16, 1 << (mp - 1).bit_length())
+        cost = mpad * mpad * p2 + mpad * p2 * p2
+        if best is None or cost < best[0]:
+            best = (cost, mp, mpad, p2)
+        p2 *= 2
+    if best is None:
+        raise NotImplementedError(
+            f"Pallas Hadamard kernel needs n = m * 2^k with 2^k >= 16 (dots of at least 16); n={n}"
+        )
+    return best[1], best[2], best[3]
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel_constants(n: int, max_p2: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A^T zero-padded to [m'_pad, m'_pad], C = S_P2 [P2, P2]) as float32 numpy arrays."""
+    m, p = hadamard_factors(n)
+    mp, mpad, p2 = kronecker_plan(n, max_p2)
+    a = np.kron(_base_matrix(m), _sylvester(p // p2)).astype(np.float32)  # [m', m']
+    at = np.zeros((mpad, mpad), np.float32)
+    at[:mp, :mp] = a.T
+    return at, _sylvester(p2).astype(np.float32)
+
+
+def _hadamard_kernel(x_ref, at_ref, c_ref, o_ref, *, block_k, scale, precision):
+    """One row of x (as X [m'_pad, P2]) and ``block_m`` rows of the result ``(A^T X) C``."""
+    bo = at_ref.shape[0]
+    mpad, p2 = x_ref.shape
+
+    def body(kb, t):
+        col = pl.multiple_of(kb * block_k, block_k)
+        at = at_ref[:, pl.ds(col, block_k)]  # [bo, bk]
+        xb = x_ref[pl.ds(col, block_k), :]  # [bk, P2]
+        return t + jnp.dot(at, xb, preferred_element_type=jnp.float32, precision=precision)
+
+    t = jax.lax.fori_loop(0, mpad // block_k, body, jnp.zeros((bo, p2), jnp.float32))  # [bo, P2]
+    y = jnp.dot(
+        t,
+        c_ref[...],
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    )  # [bo, P2]
+    o_ref[...] = (y * jnp.float32(scale)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def hadamard_transform_pallas(
+    x: jax.Array, *, block_sizes: BlockSizes | None = None, interpret: bool = False
+) -> jax.Array:
+    """Pallas ``x @ hadamard_matrix(n)`` along the last axis (float32 math, x.dtype out).
+
+    Each row is reshaped to X [m', P2] and the kernel computes ``(A^T X) C / sqrt(n)``: the
+    first dot in x.dtype (A is +-1, exact in 16-bit floats) with float32 accumulation, the second
+    in float32 at HIGHEST precision.
+
+    Args:
+      x: float array [..., n].
+      block_sizes: block sizes (None = defaults).
+      interpret: run in Pallas interpret mode (CPU testing).
+
+    Returns:
+      Array [..., n] of x.dtype.
+
+    Raises:
+      NotImplementedError: n not constructible, P < 16, or invalid block sizes.
+    """
+    *lead, n = x.shape
+    bs = block_sizes or BlockSizes()
+    for name, v in (("block_m", bs.block_m), ("block_n", bs.block_n), ("block_k", bs.block_k)):
+        if not _is_power_of_two(v) or v < 16:
+            raise NotImplementedError(f"{name}={v} must be a power of two >= 16")
+    mp, mpad, p2 = kronecker_plan(n, bs.block_n)
+    at_np, c_np = _kernel_constants(n, bs.block_n)
+    bo = min(bs.block_m, mpad)
+    bk = min(bs.block_k, mpad)
+    rows = math.prod(lead)
+    x3 = x.reshape(rows, mp, p2)  # [R, m', P2]
+    if mpad != mp:
+        x3 = jnp.pad(x3, ((0, 0), (0, mpad - mp), (0, 0)))  # [R, m'_pad, P2]
+    at = jnp.asarray(at_np, x.dtype)  # [m'_pad, m'_pad]
+    c = jnp.asarray(c_np, jnp.float32)  # [P2, P2]
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _hadamard_kernel, block_k=bk, scale=1.0 / math.sqrt(n), precision=precision
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((rows, mpad, p2), x.dtype),
+        grid=(rows, mpad // bo),
+        in_specs=[
+            pl.BlockSpec((None, mpad, p2), lambda i, j: (i, 0, 0)),  # X [m'_pad, P2]
+            pl.BlockSpec((bo, mpad), lambda i, j: (j, 0)),  # A^T rows [bo, m'_pad]
+            pl.BlockSpec((p2, p2), lambda i, j: (0, 0)),  # C [P2, P2]
+        ],
+        out_specs=pl.BlockSpec((None, bo, p2), lambda i, j: (i, j, 0)),  # [bo, P2]
+        compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="hadamard_transform",
+    )(x3, at, c)  # [R, m'_pad, P2]
+    return y[:, :mp].reshape(*lead, n)
