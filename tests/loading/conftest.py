@@ -46,16 +46,23 @@ def gguf_int4(gguf_path):
 
 
 @pytest.fixture(scope="session")
-def hf_reference(gguf_path):
-    """transformers' LlamaForCausalLM loaded from the same GGUF (float32), once per session."""
+def hf_reference(request, gguf_path):
+    """transformers' LlamaForCausalLM loaded from the same GGUF (float32), once per session.
+
+    Reuses the suite-wide `hf_smollm2` fixture when a parent conftest defines it, so a full test
+    run builds the (25 s) transformers model only once.
+    """
     torch = pytest.importorskip("torch")
+    try:
+        return request.getfixturevalue("hf_smollm2")[0]
+    except pytest.FixtureLookupError:
+        pass
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
     )
-    model.eval()
-    return model
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
