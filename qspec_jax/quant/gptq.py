@@ -1,0 +1,336 @@
+"""GPTQ (Frantar et al., 2022): int4 weights that minimise the layer-output error on calibration data.
+
+For one linear y = x @ w (w [K, N], [in, out]) and calibration inputs X [n, K], GPTQ quantizes
+the K input rows of w one at a time and after each one updates the rows not yet quantized to
+compensate the error it made, using the inverse of the Hessian H = 2 X^T X / n of the
+layer-output error ||X w - X w_q||^2:
+
+    for each input row i (in order):  q_i = quant(w_i);  e = (w_i - q_i) / U[i, i]
+                                      w_j -= e * U[i, j]   for j > i
+    with U = chol(H^-1) upper (H dampened by percdamp * mean(diag H)).
+
+The updates are applied lazily in blocks of `blocksize` rows (one rank-`blocksize` update of the
+remaining rows per block), which is exact. With groups the scale (and min) of a group is computed
+from the updated weights when the group's first row is reached (standard GPTQ with groups);
+`blocksize` is a multiple of the group size, so groups never straddle blocks and the updated
+values are at hand. Optional act-order processes rows by decreasing diag(H); to keep the packed
+group layout exact it uses "static groups": every group's scale is fixed from the original
+weights before the loop and a row is always quantized with its own group's scale.
+
+`gptq_quantize` works on one matrix given its Hessian; `qspec_jax.quant.quantize_model` runs the
+sequential pipeline (calibrate layer i, quantize it, feed the quantized layer's outputs to
+layer i + 1) through `qspec_jax.quant.calibration`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.int4 import pack_int4
+from qspec_jax.config import LlamaConfig
+from qspec_jax.quant.format import QuantizedWeight
+from qspec_jax.quant.rtn import (
+    asymmetric_codes,
+    group_params,
+    resolve_group_size,
+    symmetric_codes,
+)
+
+if TYPE_CHECKING:  # qspec_jax.model.params imports this package: no runtime import (cycle)
+    from qspec_jax.model.params import LayerParams, Params
+
+DEFAULT_PERCDAMP = 0.01
+DEFAULT_BLOCKSIZE = 128
+
+
+class HessianAccumulator:
+    """Running H = 2 X^T X / n over batches of a linear's inputs (float64 [K, K])."""
+
+    def __init__(self, k: int):
+        self.h = np.zeros((k, k), np.float64)
+        self.n = 0
+
+    def add(self, x) -> None:
+        """Adds inputs x [..., K] (any leading shape)."""
+        x = np.asarray(x, np.float32).reshape(-1, self.h.shape[0])
+        self.h += (x.T @ x).astype(np.float64)  # float32 GEMM, float64 running sum
+        self.n += x.shape[0]
+
+    @property
+    def hessian(self) -> np.ndarray:
+        if self.n == 0:
+            raise ValueError("no calibration inputs were added")
+        return 2.0 * self.h / self.n
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    """Rounds to float32 (the stored precision of scales and mins), kept as float64."""
+    return np.asarray(a, np.float32).astype(np.float64)
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """U upper-triangular with U^T U = H^-1 (H symmetric positive definite)."""
+    lower = np.linalg.cholesky(h)
+    eye = np.eye(h.shape[0])
+    linv = np.linalg.solve(lower, eye)  # L^-1 (lower)
+    hinv = linv.T @ linv  # H^-1
+    hinv = 0.5 * (hinv + hinv.T)
+    return np.linalg.cholesky(hinv).T
+
+
+def gptq_quantize(
+    w,
+    hessian: np.ndarray,
+    group_size: int = 0,
+    symmetric: bool = True,
+    *,
+    percdamp: float = DEFAULT_PERCDAMP,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    act_order: bool = False,
+    clip_search: bool = False,
+    return_dequantized: bool = False,
+):
+    """GPTQ-quantizes one weight matrix to int4.
+
+    Args:
+        w: float [K, N] weight ([in, out]).
+        hessian: [K, K] Hessian of the layer-output error, 2 X^T X / n.
+        group_size: rows of K per scale (0 = per output channel); adjusted per
+            `qspec_jax.quant.rtn.resolve_group_size` when it does not divide K.
+        symmetric: codes in [-8, 7] (else asymmetric [0, 15] with mins).
+        percdamp: H += percdamp * mean(diag H) * I before inversion.
+        blocksize: rows per lazy-batch block (rounded up to a multiple of the group size).
+        act_order: process rows by decreasing diag(H) with static group scales.
+        clip_search: choose each group's clip ratio by least squared error (of the weights the
+            group holds when its scale is chosen).
+        return_dequantized: also return the dequantized float weight [K, N].
+
+    Returns:
+        QuantizedWeight (and the dequantized float64 [K, N] weight with `return_dequantized`).
+    """
+    w = np.asarray(w, np.float64)
+    k, n = w.shape
+    g = resolve_group_size(k, group_size, warn=True)
+    h = np.array(hessian, np.float64, copy=True)
+    if h.shape != (k, k):
+        raise ValueError(f"hessian shape {h.shape} does not match the weight's K={k}")
+    W = w.T.copy()  # [N, K]: columns are input rows, as in the paper
+
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = None
+    if act_order:
+        # Static groups: scales from the original weights, indexed by original row.
+        s, m = group_params(W.T.reshape(k // g, g, n), symmetric, clip_search)  # [K/G, 1, N]
+        static = (_f32(s), None if m is None else _f32(m))
+        perm = np.argsort(-np.diag(h), kind="stable")
+        W = W[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = np.arange(k)
+
+    h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
+    U = _inverse_cholesky_upper(h)  # [K, K]
+
+    bs = max(g, -(-blocksize // g) * g) if g < k else blocksize
+    codes = np.zeros((n, k), np.int8)
+    Q = np.zeros((n, k), np.float64)
+    scales = np.zeros((k // g, n), np.float64)
+    mins = None if symmetric else np.zeros((k // g, n), np.float64)
+    scale = mn = None
+    if not act_order and g == k:
+        # Per channel: one scale per output column from the original weights (standard GPTQ).
+        s, m = group_params(W.T[None], symmetric, clip_search)  # [1, 1, N]
+        scale, mn = _f32(s[0, 0]), (None if m is None else _f32(m[0, 0]))
+        scales[0] = scale
+        if mins is not None:
+            mins[0] = mn
+
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        W1 = W[:, i1:i2].copy()  # [N, B]
+        Err1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if act_order:
+                gi = perm[col] // g
+                scale = static[0][gi, 0]
+                mn = None if symmetric else static[1][gi, 0]
+                scales[gi] = scale
+                if mins is not None:
+                    mins[gi] = mn
+            elif g < k and col % g == 0:
+                s, m = group_params(W1[:, i : i + g].T, symmetric, clip_search)  # [1, N]
+                scale, mn = _f32(s[0]), (None if m is None else _f32(m[0]))
+                scales[col // g] = scale
+                if mins is not None:
+                    mins[col // g] = mn
+            wcol = W1[:, i]
+            if symmetric:
+                c = symmetric_codes(wcol, scale)
+                q = c * scale
+            else:
+                c = asymmetric_codes(wcol, scale, mn)
+                q = c * scale + mn
+            codes[:, col] = c
+            Q[:, col] = q
+            err = (wcol - q) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inv = np.argsort(perm)
+    codes = codes[:, inv].T  # [K, N]
+    qw = QuantizedWeight(
+        packed=pack_int4(jnp.asarray(codes)),
+        scales=jnp.asarray(scales, jnp.float32),
+        mins=None if mins is None else jnp.asarray(mins, jnp.float32),
+    )
+    if return_dequantized:
+        return qw, Q[:, inv].T
+    return qw
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequential calibration over the decoder (layer by layer, quantized outputs feed the next layer)
+# ------------------------------------------------------------------------------------------------
+
+LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def _layer_fns(cfg: LlamaConfig, rotated: bool):
+    """Jitted pieces of one decoder block on full causal sequences (no KV cache).
+
+    Returns functions computing, from the residual x [b, t, D], the input of each linear given
+    (dequantized) weights of the earlier linears; they mirror `qspec_jax.model.llama._block`.
+    """
+    from pallas_kernels.hadamard import hadamard_transform_xla  # noqa: PLC0415
+    from qspec_jax.model.llama import apply_rope, attention, rms_norm, rope_inv_freq  # noqa: PLC0415
+
+    eps = cfg.rms_norm_eps
+    had = hadamard_transform_xla if rotated else (lambda a: a)
+
+    @jax.jit
+    def qkv_in(x, attn_norm):
+        return rms_norm(x, attn_norm, eps)
+
+    @jax.jit
+    def wo_in(h, wqkv, bqkv):
+        b, t, _ = h.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        inv_freq = rope_inv_freq(cfg)
+        qkv = h @ wqkv.astype(h.dtype)
+        if bqkv is not None:
+            qkv = qkv + bqkv.astype(qkv.dtype)
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        return had(attention(q, k, v, positions))  # [b, t, q]
+
+    @jax.jit
+    def gate_up_in(x, a, wo, mlp_norm):
+        x = x + a @ wo.astype(a.dtype)
+        return x, rms_norm(x, mlp_norm, eps)
+
+    @jax.jit
+    def down_in(h, w_gate_up):
+        gate, up = jnp.split(h @ w_gate_up.astype(h.dtype), 2, axis=-1)
+        return had(jax.nn.silu(gate.astype(jnp.float32)).astype(h.dtype) * up)  # [b, t, F]
+
+    @jax.jit
+    def block_out(x, a, w_down):
+        return x + a @ w_down.astype(a.dtype)
+
+    return qkv_in, wo_in, gate_up_in, down_in, block_out
+
+
+def _hessian(x: jnp.ndarray) -> np.ndarray:
+    acc = HessianAccumulator(x.shape[-1])
+    acc.add(x)
+    return acc.hessian
+
+
+def _stack(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    return QuantizedWeight(
+        packed=jnp.stack([q.packed for q in qws]),
+        scales=jnp.stack([q.scales for q in qws]),
+        mins=None if qws[0].mins is None else jnp.stack([q.mins for q in qws]),
+    )
+
+
+def gptq_quantize_layers(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens,
+    group_size: int = 0,
+    symmetric: bool = True,
+    *,
+    rotated: bool = False,
+    percdamp: float = DEFAULT_PERCDAMP,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    act_order: bool = False,
+    clip_search: bool = False,
+    progress: bool = True,
+) -> LayerParams:
+    """Sequential GPTQ of every decoder linear on calibration tokens.
+
+    Runs the float model block by block on `tokens` (causal attention over each whole sequence,
+    positions from 0). In block i the linears are quantized in execution order (wqkv, wo,
+    w_gate_up, w_down): each one's Hessian comes from its inputs computed with the already
+    quantized (dequantized) earlier linears of the block, and the block's quantized output is the
+    input of block i + 1 (the "true sequential" order of the GPTQ reference code).
+
+    Args:
+        params: float parameters (already QuaRot-rotated when `rotated`).
+        cfg: model config.
+        tokens: int32 [num_seqs, t] calibration tokens.
+        group_size, symmetric, percdamp, blocksize, act_order, clip_search: see `gptq_quantize`.
+        rotated: apply the online Hadamard to the inputs of wo and w_down (as the model does when
+            `QuantConfig.rotated`).
+        progress: tqdm bar over layers.
+
+    Returns:
+        LayerParams with the four linears as stacked QuantizedWeight.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"calibration tokens must be [num_seqs, t], got shape {tokens.shape}")
+    qkv_in, wo_in, gate_up_in, down_in, block_out = _layer_fns(cfg, rotated)
+    lp = params.layers
+    x = params.embed[tokens].astype(cfg.jnp_dtype)  # [b, t, D]
+    kw = dict(percdamp=percdamp, blocksize=blocksize, act_order=act_order, clip_search=clip_search)
+    out: dict[str, list[QuantizedWeight]] = {name: [] for name in LINEARS}
+
+    def quant(name, i, inp):
+        qw, deq = gptq_quantize(
+            getattr(lp, name)[i], _hessian(inp), group_size, symmetric,
+            return_dequantized=True, **kw,
+        )
+        out[name].append(qw)
+        return jnp.asarray(deq, cfg.jnp_dtype)
+
+    layers = range(cfg.num_layers)
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        layers = tqdm(layers, desc="GPTQ", unit="layer")
+    for i in layers:
+        bqkv = None if lp.bqkv is None else lp.bqkv[i]
+        h = qkv_in(x, lp.attn_norm[i])
+        wqkv = quant("wqkv", i, h)
+        a = wo_in(h, wqkv, bqkv)
+        wo = quant("wo", i, a)
+        x, h = gate_up_in(x, a, wo, lp.mlp_norm[i])
+        w_gate_up = quant("w_gate_up", i, h)
+        a = down_in(h, w_gate_up)
+        w_down = quant("w_down", i, a)
+        x = block_out(x, a, w_down)
+    return lp.replace(**{name: _stack(qws) for name, qws in out.items()})

@@ -1,0 +1,108 @@
+"""QuaRot (Ashkboos et al., 2024) on float parameters: fold RMSNorm scales, rotate with Hadamards.
+
+After `rotate_params` the float model computes the same function as before when run with
+``QuantConfig(rotated=True)`` (which applies the online Hadamard x -> x @ H_n to the inputs of
+wo and w_down), but its weights and activations have far fewer outliers, so int4 quantization of
+both loses much less. The steps, for the residual rotation Q (orthogonal [D, D]):
+
+1. Fold each RMSNorm's scale g into the rows of the linears it feeds and set it to ones
+   (``rms_norm(x, g) @ W == rms_norm(x, 1) @ (diag(g) W)``): attn_norm -> wqkv,
+   mlp_norm -> w_gate_up, final_norm -> lm_head. A tied LM head becomes an explicit
+   ``lm_head = diag(final_norm) @ embed.T`` [D, V] first (the model uses `params.lm_head`
+   whenever it is not None, so the LlamaConfig does not change).
+2. Rotate the residual stream x -> x Q: ``embed <- embed Q``, ``wqkv <- Q^T wqkv``,
+   ``w_gate_up <- Q^T w_gate_up``, ``wo <- wo Q``, ``w_down <- w_down Q``, ``lm_head <- Q^T lm_head``.
+   RMSNorm with unit scale commutes with Q because ||x Q|| = ||x||.
+3. Absorb the online Hadamards: the model feeds ``x H_n`` to wo (n = q_size) and w_down
+   (n = F), so ``wo <- H_q^T wo`` and ``w_down <- H_F^T w_down`` (``x H H^T W = x W``).
+
+Q is ``hadamard_matrix(D)`` or, with ``randomized=True``, ``diag(s) @ hadamard_matrix(D)`` for
+random signs s (a randomized Hadamard, still orthogonal). The online Hadamards are the fixed
+``hadamard_matrix(n)`` that `pallas_kernels` applies. All products are computed in float64 and
+rounded once to the parameter dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.hadamard import hadamard_matrix
+from qspec_jax.config import LlamaConfig
+from qspec_jax.quant.format import QuantizedWeight
+
+if TYPE_CHECKING:  # qspec_jax.model.params imports this package: no runtime import (cycle)
+    from qspec_jax.model.params import Params
+
+
+def residual_rotation(d: int, randomized: bool = False, seed: int = 0) -> np.ndarray:
+    """The orthogonal residual rotation Q [d, d] (float64)."""
+    q = hadamard_matrix(d)
+    if randomized:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=d)
+        q = signs[:, None] * q
+    return q
+
+
+def rotate_params(
+    params: Params, cfg: LlamaConfig, *, randomized: bool = False, seed: int = 0
+) -> Params:
+    """QuaRot-rotates float parameters (see the module docstring).
+
+    Run the result with ``QuantConfig(rotated=True)`` (any precision, "fp" included); `cfg` is
+    unchanged (a tied LM head becomes the explicit `lm_head` of the returned params).
+
+    Args:
+        params: float parameters (not already rotated: rotating twice is not the identity).
+        cfg: the model config (shapes).
+        randomized: multiply the residual Hadamard by a random +-1 diagonal.
+        seed: seed of the random signs.
+
+    Returns:
+        Params with norms all ones, an explicit lm_head [D, V], and rotated weights.
+
+    Raises:
+        ValueError: the parameters hold quantized (int4) weights.
+    """
+    lp = params.layers
+    for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+        if isinstance(getattr(lp, name), QuantizedWeight):
+            raise ValueError(
+                f"rotate_params needs float weights, but layers.{name} is already int4; rotate "
+                "before quantizing (load the checkpoint without keep_int4)"
+            )
+    dt = params.embed.dtype
+    f64 = lambda a: np.asarray(a, np.float64)
+    q = residual_rotation(cfg.hidden_size, randomized, seed)  # [D, D]
+    h_q = hadamard_matrix(cfg.q_size)  # [q, q]
+    h_f = hadamard_matrix(cfg.intermediate_size)  # [F, F]
+
+    attn_norm = f64(lp.attn_norm)  # [L, D]
+    mlp_norm = f64(lp.mlp_norm)  # [L, D]
+    wqkv = np.einsum("de,lef->ldf", q.T, attn_norm[:, :, None] * f64(lp.wqkv))  # [L, D, q+2kv]
+    w_gate_up = np.einsum("de,lef->ldf", q.T, mlp_norm[:, :, None] * f64(lp.w_gate_up))
+    wo = np.einsum("ij,ljd,de->lie", h_q.T, f64(lp.wo), q)  # [L, q, D]
+    w_down = np.einsum("ij,ljd,de->lie", h_f.T, f64(lp.w_down), q)  # [L, F, D]
+
+    embed = f64(params.embed)  # [V, D]
+    head = f64(params.lm_head) if params.lm_head is not None else embed.T  # [D, V]
+    head = q.T @ (f64(params.final_norm)[:, None] * head)  # [D, V]
+    embed = embed @ q
+
+    cast = lambda a: jnp.asarray(np.asarray(a, np.float64), dt)
+    layers = lp.replace(
+        attn_norm=jnp.ones_like(lp.attn_norm),
+        wqkv=cast(wqkv),
+        wo=cast(wo),
+        mlp_norm=jnp.ones_like(lp.mlp_norm),
+        w_gate_up=cast(w_gate_up),
+        w_down=cast(w_down),
+    )
+    return params.replace(
+        embed=cast(embed),
+        layers=layers,
+        final_norm=jnp.ones_like(params.final_norm),
+        lm_head=cast(head),
+    )
