@@ -54,9 +54,12 @@ def hf_reference(request, gguf_path):
     """
     torch = pytest.importorskip("torch")
     try:
-        return request.getfixturevalue("hf_smollm2")[0]
+        shared = request.getfixturevalue("hf_smollm2")
     except pytest.FixtureLookupError:
-        pass
+        shared = None
+    model = shared[0] if isinstance(shared, (tuple, list)) and shared else shared
+    if hasattr(model, "state_dict") and getattr(model, "dtype", None) == torch.float32:
+        return model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
