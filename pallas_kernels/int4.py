@@ -29,7 +29,9 @@ HALF_TILE = PACK_TILE // 2
 def check_packable(k: int, group_size: int) -> None:
     """Raises ValueError if a [k, n] weight cannot use group size ``group_size`` (0 = per channel)."""
     if k % PACK_TILE:
-        raise ValueError(f"int4 packing needs the input dimension to be a multiple of {PACK_TILE}, got {k}")
+        raise ValueError(
+            f"int4 packing needs the input dimension to be a multiple of {PACK_TILE}, got {k}"
+        )
     g = group_size or k
     if g % HALF_TILE or k % g:
         raise ValueError(

@@ -1,0 +1,230 @@
+"""The one entry point the model calls for int4 matmuls, activation quantization and Hadamard.
+
+Every function takes ``impl``:
+
+* ``None`` (auto): ``"pallas"`` when ``jax.default_backend()`` is ``"gpu"`` or ``"cuda"``, else
+  ``"xla"``; if the Pallas kernel raises NotImplementedError for a shape, the XLA path is used
+  instead (tokamax style);
+* ``"xla"``: the plain-jnp path (fast on CPU: dequantize + ``jnp.dot`` for W4A16, an int8
+  ``dot_general`` with int32 accumulation for W4AX, the factorised fast Hadamard transform);
+* ``"pallas"``: the Pallas kernel, compiled for the GPU (NotImplementedError propagates);
+* ``"pallas_interpret"``: the Pallas kernel in interpret mode (CPU tests; errors propagate).
+
+The GPU backend family used by ``"pallas"`` is module state, set with `set_gpu_backend`:
+``"triton"`` (the default and the only one implemented: every kernel passes
+``pallas.triton.CompilerParams``) or ``"mosaic"`` (Mosaic GPU: a TODO, raises
+NotImplementedError, so auto falls back to XLA).
+
+The matmuls and the quantizers take x [..., K] and flatten leading dimensions to rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import act_quant, hadamard
+from pallas_kernels import w4a16_matmul as _w4a16
+from pallas_kernels import w4ax_matmul as _w4ax
+
+Impl = Literal["xla", "pallas", "pallas_interpret"] | None
+IMPLS = ("xla", "pallas", "pallas_interpret")
+GPU_BACKENDS = ("triton", "mosaic")
+
+_gpu_backend = "triton"
+
+
+def set_gpu_backend(family: str) -> None:
+    """Selects the Pallas GPU backend family ("triton" or "mosaic") for impl "pallas"."""
+    global _gpu_backend
+    if family not in GPU_BACKENDS:
+        raise ValueError(f"unknown GPU backend family {family!r}; expected one of {GPU_BACKENDS}")
+    _gpu_backend = family
+
+
+def get_gpu_backend() -> str:
+    """The Pallas GPU backend family in use ("triton" or "mosaic")."""
+    return _gpu_backend
+
+
+def default_impl() -> str:
+    """ "pallas" on a GPU backend, "xla" elsewhere."""
+    return "pallas" if jax.default_backend() in ("gpu", "cuda") else "xla"
+
+
+def _dispatch(impl: Impl, pallas_fn: Callable, xla_fn: Callable, *args, **kwargs):
+    """Runs ``pallas_fn(*args, interpret=..., **kwargs)`` or ``xla_fn(*args, **kwargs)``."""
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected None or one of {IMPLS}")
+    auto = impl is None
+    chosen = default_impl() if auto else impl
+    if chosen == "xla":
+        return xla_fn(*args, **kwargs)
+    try:
+        if chosen == "pallas" and _gpu_backend == "mosaic":
+            raise NotImplementedError(
+                "Mosaic GPU kernels are not written yet (TODO); use set_gpu_backend('triton')"
+            )
+        return pallas_fn(*args, interpret=chosen == "pallas_interpret", **kwargs)
+    except NotImplementedError:
+        if auto:
+            return xla_fn(*args, **kwargs)
+        raise
+
+
+def _rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """Flattens x [..., K] to [rows, K]; returns it and the leading shape."""
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def w4a16_matmul(
+    x: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    mins: jax.Array | None = None,
+    *,
+    impl: Impl = None,
+) -> jax.Array:
+    """``x @ dequant(W)`` with float32 accumulation (see `pallas_kernels.w4a16_matmul`).
+
+    Args:
+      x: float activations [..., K].
+      packed: uint8 packed int4 codes [K/2, N].
+      scales: weight scales [K/G, N].
+      mins: weight mins [K/G, N] (asymmetric, unsigned codes) or None (symmetric, signed).
+      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+
+    Returns:
+      [..., N] array of x.dtype.
+    """
+    x2, lead = _rows(x)  # [M, K]
+    out = _dispatch(impl, _w4a16.w4a16_matmul, _w4a16.w4a16_matmul_xla, x2, packed, scales, mins)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def w4ax_matmul(
+    a_codes: jax.Array,
+    a_scales: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    mins: jax.Array | None = None,
+    *,
+    out_dtype=jnp.float32,
+    impl: Impl = None,
+) -> jax.Array:
+    """W4A4 / W4A8 matmul of pre-quantized activations (see `pallas_kernels.w4ax_matmul`).
+
+    Args:
+      a_codes: int8 activation codes [..., K].
+      a_scales: float32 activation scales [..., K/Ga] ([..., 1] per token).
+      packed: uint8 packed int4 weight codes [K/2, N].
+      scales: weight scales [K/G, N].
+      mins: weight mins [K/G, N] or None (symmetric).
+      out_dtype: output dtype.
+      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+
+    Returns:
+      [..., N] array of out_dtype.
+    """
+    a2, lead = _rows(a_codes)  # [M, K]
+    s2, _ = _rows(a_scales)  # [M, K/Ga]
+    out = _dispatch(
+        impl,
+        _w4ax.w4ax_matmul,
+        _w4ax.w4ax_matmul_xla,
+        a2,
+        s2,
+        packed,
+        scales,
+        mins,
+        out_dtype=out_dtype,
+    )
+    return out.reshape(*lead, out.shape[-1])
+
+
+def quantize_activations(
+    x: jax.Array,
+    *,
+    bits: int,
+    group_size: int = 0,
+    clip_ratio: float = 1.0,
+    impl: Impl = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token / per-group symmetric activation quantization (see `pallas_kernels.act_quant`).
+
+    Args:
+      x: float activations [..., K].
+      bits: 4 or 8.
+      group_size: activation group size Ga (0 = per token).
+      clip_ratio: scale multiplier.
+      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+
+    Returns:
+      (codes int8 [..., K], scales float32 [..., K/Ga]).
+    """
+    x2, lead = _rows(x)  # [M, K]
+    codes, scales = _dispatch(
+        impl,
+        act_quant.quantize_activations,
+        act_quant.quantize_activations_xla,
+        x2,
+        bits=bits,
+        group_size=group_size,
+        clip_ratio=clip_ratio,
+    )
+    return codes.reshape(*lead, -1), scales.reshape(*lead, -1)
+
+
+def rmsnorm_quantize(
+    x: jax.Array,
+    norm_weight: jax.Array,
+    eps: float,
+    *,
+    bits: int,
+    group_size: int = 0,
+    clip_ratio: float = 1.0,
+    impl: Impl = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Fused RMSNorm (float32) then activation quantization (see `pallas_kernels.act_quant`).
+
+    Args:
+      x: float activations [..., K].
+      norm_weight: RMSNorm weight [K].
+      eps: RMSNorm epsilon (a Python float).
+      bits: 4 or 8.
+      group_size: activation group size Ga (0 = per token).
+      clip_ratio: scale multiplier.
+      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+
+    Returns:
+      (codes int8 [..., K], scales float32 [..., K/Ga]).
+    """
+    x2, lead = _rows(x)  # [M, K]
+    codes, scales = _dispatch(
+        impl,
+        act_quant.rmsnorm_quantize,
+        act_quant.rmsnorm_quantize_xla,
+        x2,
+        norm_weight,
+        float(eps),
+        bits=bits,
+        group_size=group_size,
+        clip_ratio=clip_ratio,
+    )
+    return codes.reshape(*lead, -1), scales.reshape(*lead, -1)
+
+
+def hadamard_transform(x: jax.Array, *, impl: Impl = None) -> jax.Array:
+    """``x @ hadamard_matrix(n)`` along the last axis (see `pallas_kernels.hadamard`).
+
+    Args:
+      x: float array [..., n].
+      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+
+    Returns:
+      Array [..., n] of x.dtype.
+    """
+    return _dispatch(impl, hadamard.hadamard_transform_pallas, hadamard.hadamard_transform_xla, x)
