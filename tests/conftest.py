@@ -22,3 +22,25 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_params(tiny_cfg):
     return init_params(tiny_cfg, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp():
+    """The embedded SmolLM2-135M-Instruct with float weights (dequantized GGUF), once per session."""
+    import qspec_jax
+
+    return qspec_jax.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' LlamaForCausalLM and tokenizer loaded from the same embedded GGUF (float32)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qspec_jax.loading import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    d, f = os.path.dirname(path), os.path.basename(path)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(d, gguf_file=f)
