@@ -346,13 +346,8 @@ def load(
     if quant not in ("none", "gguf"):
         from qspec_jax.quant import quantize_model  # noqa: PLC0415
 
-        calib = None
-        if quant.endswith("gptq"):
-            calib = quant_options.pop("calib_tokens", None)
-            if calib is None and tokenizer is not None:
-                from qspec_jax.quant.calibration import calibration_tokens  # noqa: PLC0415
-
-                calib = calibration_tokens(tokenizer)
+        # GPTQ calibrates on the project's own text, tokenized by the model's tokenizer.
+        calib = quant_options.pop("calib_tokens", tokenizer)
         params, qcfg = quantize_model(
             params, cfg, quant, group_size, calib_tokens=calib, seed=seed, progress=progress,
             **quant_options,
