@@ -81,10 +81,11 @@ def rotate_params(
 
     attn_norm = f64(lp.attn_norm)  # [L, D]
     mlp_norm = f64(lp.mlp_norm)  # [L, D]
-    wqkv = np.einsum("de,lef->ldf", q.T, attn_norm[:, :, None] * f64(lp.wqkv))  # [L, D, q+2kv]
-    w_gate_up = np.einsum("de,lef->ldf", q.T, mlp_norm[:, :, None] * f64(lp.w_gate_up))
-    wo = np.einsum("ij,ljd,de->lie", h_q.T, f64(lp.wo), q)  # [L, q, D]
-    w_down = np.einsum("ij,ljd,de->lie", h_f.T, f64(lp.w_down), q)  # [L, F, D]
+    # Batched matmuls (a multi-operand np.einsum without optimize= is a naive O(n^4) loop).
+    wqkv = q.T @ (attn_norm[:, :, None] * f64(lp.wqkv))  # [L, D, q+2kv]
+    w_gate_up = q.T @ (mlp_norm[:, :, None] * f64(lp.w_gate_up))  # [L, D, 2F]
+    wo = h_q.T @ f64(lp.wo) @ q  # [L, q, D]
+    w_down = h_f.T @ f64(lp.w_down) @ q  # [L, F, D]
 
     embed = f64(params.embed)  # [V, D]
     head = f64(params.lm_head) if params.lm_head is not None else embed.T  # [D, V]
