@@ -221,11 +221,17 @@ def _base_matrix(m: int) -> np.ndarray:
 
 def hadamard_base_matrix(m: int) -> np.ndarray:
     """The unnormalised {+1, -1} base matrix B_m (int64 [m, m]) used by `hadamard_matrix`."""
-    b = _base_matrix(m).copy()
-    return b
+    return _base_matrix(m).copy()
 
 
-@functools.lru_cache(maxsize=32)
+def sylvester_matrix(p: int) -> np.ndarray:
+    """The unnormalised Sylvester matrix S_p (int64 [p, p], p a power of two)."""
+    if not _is_power_of_two(p):
+        raise ValueError(f"Sylvester order must be a power of two, got {p}")
+    return _sylvester(p)
+
+
+@functools.lru_cache(maxsize=4)  # an order-11008 matrix is ~1 GB: keep few
 def _hadamard_matrix_cached(n: int) -> np.ndarray:
     m, p = hadamard_factors(n)
     h = np.kron(_base_matrix(m).astype(np.float64), _sylvester(p).astype(np.float64))

@@ -48,6 +48,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -305,10 +306,11 @@ def w4ax_matmul_xla(
 ) -> jax.Array:
     """The XLA path used off-GPU: integer dot_general with int32 accumulation, float epilogue.
 
-    One int8 ``dot_general`` [M, c] x [c, N] -> int32 per c-block (unrolled; a single [M, K] x
-    [K, N] dot when c = K, i.e. per-token activations and per-channel weights), each followed by
-    its float32 epilogue, added in increasing block order (XLA CPU runs unrolled 2-D int8 dots
-    much faster than one batched per-block einsum).
+    A ``lax.scan`` over the c-blocks, each step one 2-D int8 ``dot_general`` [M, c] x [c, N] ->
+    int32 and its float32 epilogue added to the carry (block order, as the kernel); a single
+    [M, K] x [K, N] dot when c = K (per-token activations and per-channel weights). XLA CPU runs
+    this much faster, and compiles it much faster, than one batched per-block einsum or an
+    unrolled loop of dots.
 
     Args:
       a_codes: int8 activation codes [M, K].
@@ -323,21 +325,33 @@ def w4ax_matmul_xla(
     """
     m, k = a_codes.shape
     g, ga, c = _check_shapes(a_codes, a_scales, packed, scales, mins)
+    nb = k // c
     w_codes = unpack_int4(packed, signed=mins is None)  # int8 [K, N]
-    sa_all = a_scales.astype(jnp.float32)  # [M, K/Ga]
-    sw_all = scales.astype(jnp.float32)  # [K/G, N]
-    mn_all = None if mins is None else mins.astype(jnp.float32)  # [K/G, N]
-    out = None
-    for b in range(k // c):
-        lo = b * c
-        a = a_codes[:, lo : lo + c]  # [M, c]
+    n = w_codes.shape[1]
+    starts = np.arange(nb) * c  # [nb] static
+    sa = a_scales.astype(jnp.float32)[:, starts // ga].T[:, :, None]  # [nb, M, 1]
+    sw = scales.astype(jnp.float32)[starts // g][:, None, :]  # [nb, 1, N]
+    a3 = a_codes.reshape(m, nb, c).transpose(1, 0, 2)  # [nb, M, c]
+    w3 = w_codes.reshape(nb, c, n)  # [nb, c, N]
+    xs = [a3, w3, sa, sw]
+    if mins is not None:
+        rs = jnp.sum(a3.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.float32)  # [nb, M, 1]
+        mn = mins.astype(jnp.float32)[starts // g][:, None, :]  # [nb, 1, N]
+        xs += [rs, mn]
+
+    def block(out, xs_b):
+        a_b, w_b, sa_b, sw_b = xs_b[:4]
         acc = jax.lax.dot_general(
-            a, w_codes[lo : lo + c], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+            a_b, w_b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
         )  # [M, N]
-        sa = sa_all[:, lo // ga : lo // ga + 1]  # [M, 1]
-        term = acc.astype(jnp.float32) * sa * sw_all[lo // g]  # [M, N]
-        if mn_all is not None:
-            rs = jnp.sum(a.astype(jnp.int32), axis=1, keepdims=True)  # [M, 1]
-            term = term + (rs.astype(jnp.float32) * sa) * mn_all[lo // g]  # [M, N]
-        out = term if out is None else out + term
+        term = acc.astype(jnp.float32) * sa_b * sw_b  # [M, N]
+        if mins is not None:
+            rs_b, mn_b = xs_b[4:]
+            term = term + (rs_b * sa_b) * mn_b  # [M, N]
+        return out + term, None
+
+    if nb == 1:
+        out, _ = block(jnp.zeros((m, n), jnp.float32), [x[0] for x in xs])
+    else:
+        out, _ = jax.lax.scan(block, jnp.zeros((m, n), jnp.float32), xs)  # [M, N]
     return out.astype(out_dtype)
