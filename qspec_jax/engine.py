@@ -193,6 +193,8 @@ class Engine:
         top_k: int = 0,
         top_p: float = 1.0,
         gamma: int = 3,
+        adaptive_gamma: bool = False,
+        spec_max_active: int = 0,
     ) -> GenerationResult:
         """Generates continuations for a batch of prompts.
 
@@ -203,7 +205,10 @@ class Engine:
             temperature: 0 for greedy; top_k / top_p filter the sampled distribution.
             seed: PRNG seed.
             chat: apply the tokenizer's chat template to string prompts.
-            gamma: QSpec draft length.
+            gamma: QSpec draft length (the maximum when adaptive_gamma).
+            adaptive_gamma: grow / shrink the draft length from the running acceptance.
+            spec_max_active: run plain W4A16 steps while more than this many sequences are
+                active (0 = always speculate).
 
         Returns:
             A GenerationResult.
@@ -213,6 +218,9 @@ class Engine:
         if not prompts:
             raise UsageError("no prompts given: pass at least one prompt")
         dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma)
+        if mode == "qspec":
+            dc = dataclasses.replace(dc, adaptive_gamma=bool(adaptive_gamma),
+                                     spec_max_active=int(spec_max_active))
         token_lists = self.encode(prompts, chat=chat)
         batch, t_bucket, capacity = self._plan(token_lists, dc)
         fn, compile_s = self.compiled_generate(batch, t_bucket, capacity, dc)
@@ -231,10 +239,10 @@ class Engine:
         state = fn(self.params, cache, jnp.asarray(toks), jnp.asarray(lens), key)
         out = jax.device_get(
             (state.out_tokens, state.num_generated, state.finish, state.steps,
-             state.draft_proposed, state.draft_accepted, state.verify_steps)
+             state.draft_proposed, state.draft_accepted, state.verify_steps, state.spec_steps)
         )
         wall = time.perf_counter() - t0
-        out_tokens, num_gen, finish, steps, proposed, accepted, vsteps = out
+        out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps = out
 
         tokens = [out_tokens[i, : num_gen[i]].tolist() for i in range(n)]
         reasons = [FINISH_NAMES[int(finish[i])] or "length" for i in range(n)]
@@ -260,6 +268,8 @@ class Engine:
                 # tokens committed per verify step (the first token comes from prefill)
                 mean_tokens_per_step=(total - n) / v if v else float("nan"),
                 verify_steps=v,
+                speculative_steps=int(spec_steps),
+                adaptive_gamma=dc.adaptive_gamma,
             )
         texts = [self.decode(t) for t in tokens]
         return GenerationResult(texts=texts, tokens=tokens, finish_reasons=reasons, stats=stats)

@@ -100,3 +100,22 @@ def test_sampling_matches_w4a16_distribution(tiny_cfg, tiny_q):
     assert table.shape[1] >= 5, "too few categories for a meaningful test"
     p_value = stats.chi2_contingency(table)[1]
     assert p_value > 1e-3, (p_value, table)
+
+
+@pytest.mark.parametrize("opts", [dict(adaptive_gamma=True), dict(spec_max_active=4),
+                                  dict(adaptive_gamma=True, spec_max_active=2)])
+def test_adaptive_gamma_and_speculation_switch_keep_exactness(tiny_cfg, tiny_q, opts):
+    toks, lens = _prompts([3, 16, 9, 12, 5, 7, 16, 1])
+    free = _tokens(_run(tiny_cfg, tiny_q, toks, lens, DecodeConfig(mode="w4a16", max_new_tokens=MAX_NEW)))
+    eos = tuple(free[b][4 + b] for b in range(5))  # sequences 0..4 (at least) stop early
+    ar = _run(tiny_cfg, tiny_q, toks, lens, DecodeConfig(mode="w4a16", max_new_tokens=MAX_NEW, eos_ids=eos))
+    qs = _run(tiny_cfg, tiny_q, toks, lens,
+              DecodeConfig(mode="qspec", max_new_tokens=MAX_NEW, gamma=4, eos_ids=eos, **opts))
+    assert _tokens(qs) == _tokens(ar)
+    if "spec_max_active" in opts:
+        # while more sequences run than the threshold, steps are plain W4A16 steps
+        assert 0 < int(qs.spec_steps) < int(qs.steps)
+    if opts.get("adaptive_gamma"):
+        proposed = np.asarray(qs.draft_proposed)
+        assert (proposed <= 4 * np.asarray(qs.verify_steps)).all()
+        assert 1 <= int(qs.gamma_cur) <= 4

@@ -59,6 +59,12 @@ class DecodeConfig:
         gamma: QSpec draft length (tokens drafted per verify step).
         draft_precision / verify_precision: QSpec's two precisions over the same weights.
         impl: kernel implementation override (see `pallas_kernels.dispatch`).
+        adaptive_gamma: grow / shrink the draft length each step from the last step's acceptance,
+            between 1 and `gamma` (the static maximum; verification always covers gamma + 1
+            positions, the unused ones are ignored).
+        spec_max_active: 0 = always speculate; otherwise a step in which more than this many
+            sequences are still running is a plain verify-precision autoregressive step (at
+            large batch the verifier is compute-bound and drafting stops paying).
     """
 
     mode: str = "fp"
@@ -69,6 +75,8 @@ class DecodeConfig:
     draft_precision: str = "w4a4"
     verify_precision: str = "w4a16"
     impl: str | None = None
+    adaptive_gamma: bool = False
+    spec_max_active: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -114,6 +122,8 @@ class DecodeState:
         draft_proposed: int32 [batch], draft tokens proposed while the sequence was active.
         draft_accepted: int32 [batch], draft tokens the verifier accepted.
         verify_steps: int32 [batch], steps in which the sequence was active.
+        gamma_cur: int32 [], the draft length of the next QSpec step (== gamma unless adaptive).
+        spec_steps: int32 [], steps that drafted (the rest were plain autoregressive steps).
     """
 
     cache: KVCache
@@ -127,6 +137,8 @@ class DecodeState:
     draft_proposed: jnp.ndarray
     draft_accepted: jnp.ndarray
     verify_steps: jnp.ndarray
+    gamma_cur: jnp.ndarray
+    spec_steps: jnp.ndarray
 
 
 def _is_eos(tokens: jnp.ndarray, dc: DecodeConfig) -> jnp.ndarray:
@@ -184,6 +196,8 @@ def prefill(
         draft_proposed=zeros,
         draft_accepted=zeros,
         verify_steps=zeros,
+        gamma_cur=jnp.asarray(max(dc.gamma, 1), jnp.int32),
+        spec_steps=jnp.zeros((), jnp.int32),
     )
     return _update_finish(state, _is_eos(first, dc), dc)
 
@@ -227,13 +241,18 @@ def _commit(
 
 
 def ar_step(
-    state: DecodeState, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc: DecodeConfig
+    state: DecodeState,
+    params: Params,
+    cfg: LlamaConfig,
+    qcfg: QuantConfig,
+    dc: DecodeConfig,
+    precision: str | None = None,
 ) -> DecodeState:
-    """One autoregressive token per sequence in precision `dc.mode`."""
+    """One autoregressive token per sequence in `precision` (default: the mode's precision)."""
     b = state.last_token.shape[0]
     with jax.named_scope("ar_step"):
         logits, cache = forward(
-            params, state.last_token[:, None], state.cache, cfg, qcfg, dc.mode,
+            params, state.last_token[:, None], state.cache, cfg, qcfg, precision or dc.main_precision,
             logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
         )  # [batch, V]
         key, sub = jax.random.split(state.key)
@@ -272,19 +291,21 @@ def _draft(state: DecodeState, params, cfg, qcfg, dc: DecodeConfig):
         drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None], i + 1, axis=1)
         return cache, drafts, q_probs, key
 
+    n_draft = state.gamma_cur if dc.adaptive_gamma else gamma
     with jax.named_scope("draft"):
         cache, drafts, q_probs, key = jax.lax.fori_loop(
-            0, gamma, body, (state.cache, drafts, q_probs, state.key)
+            0, n_draft, body, (state.cache, drafts, q_probs, state.key)
         )
     return cache.replace(lengths=base), drafts, q_probs, key
 
 
-def accept_greedy(drafts: jnp.ndarray, target_logits: jnp.ndarray):
+def accept_greedy(drafts: jnp.ndarray, target_logits: jnp.ndarray, n_draft=None):
     """Exact greedy acceptance.
 
     Args:
         drafts: int32 [batch, gamma + 1]; drafts[:, 0] is the last committed token.
         target_logits: [batch, gamma + 1, V] verifier logits at those positions.
+        n_draft: optional int32 [], only the first n_draft drafts are real (adaptive gamma).
 
     Returns:
         (n_accepted int32 [batch], emitted int32 [batch, gamma + 1]): the first n_accepted
@@ -293,6 +314,8 @@ def accept_greedy(drafts: jnp.ndarray, target_logits: jnp.ndarray):
     gamma = drafts.shape[1] - 1
     target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [batch, gamma + 1]
     match = drafts[:, 1:] == target[:, :gamma]  # [batch, gamma]
+    if n_draft is not None:
+        match = match & (jnp.arange(gamma)[None, :] < n_draft)
     n = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1)  # [batch]
     return n, _emit(drafts, n, jnp.take_along_axis(target, n[:, None], axis=1)[:, 0])
 
@@ -309,6 +332,7 @@ def accept_sampling(
     q_probs: jnp.ndarray,
     p_probs: jnp.ndarray,
     key: jax.Array,
+    n_draft=None,
 ):
     """Speculative sampling (Leviathan et al. / Chen et al.): output distributed as p.
 
@@ -321,6 +345,7 @@ def accept_sampling(
         q_probs: [batch, gamma, V] draft distributions the drafts were drawn from.
         p_probs: [batch, gamma + 1, V] verifier distributions (same filtering).
         key: PRNG key.
+        n_draft: optional int32 [], only the first n_draft drafts are real (adaptive gamma).
 
     Returns:
         (n_accepted [batch], emitted [batch, gamma + 1]).
@@ -333,6 +358,8 @@ def accept_sampling(
     k_acc, k_res = jax.random.split(key)
     u = jax.random.uniform(k_acc, (b, gamma))
     accepted = u * q_d < p_d  # u < p/q without dividing by a zero q
+    if n_draft is not None:
+        accepted = accepted & (jnp.arange(gamma)[None, :] < n_draft)
     n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1)  # [batch]
     residual = jnp.maximum(p_probs[:, :gamma] - q_probs, 0.0)  # [batch, gamma, V]
     residual = jnp.concatenate([residual, p_probs[:, gamma:]], axis=1)  # [batch, gamma + 1, V]
@@ -354,25 +381,46 @@ def qspec_step(
             params, drafts, cache, cfg, qcfg, dc.verify_precision, impl=dc.impl
         )  # [batch, gamma + 1, V]
     key, sub = jax.random.split(key)
+    n_draft = state.gamma_cur if dc.adaptive_gamma else None
     with jax.named_scope("accept"):
         if dc.sampling.greedy:
-            n, emitted = accept_greedy(drafts, logits)
+            n, emitted = accept_greedy(drafts, logits, n_draft)
         else:
-            n, emitted = accept_sampling(drafts, q_probs, filtered_probs(logits, dc.sampling), sub)
-    active = (~state.done).astype(jnp.int32)
+            p_probs = filtered_probs(logits, dc.sampling)
+            n, emitted = accept_sampling(drafts, q_probs, p_probs, sub, n_draft)
+    active = ~state.done
+    act = active.astype(jnp.int32)
+    gamma_cur = state.gamma_cur
+    if dc.adaptive_gamma:
+        # All drafts of every running sequence accepted: draft one more next time; fewer than
+        # half accepted on average: one fewer.
+        all_in = jnp.all(jnp.where(active, n == gamma_cur, True))
+        rate = jnp.sum(n * act) / jnp.maximum(jnp.sum(act) * gamma_cur, 1)
+        gamma_cur = jnp.where(all_in, gamma_cur + 1, jnp.where(rate < 0.5, gamma_cur - 1, gamma_cur))
+        gamma_cur = jnp.clip(gamma_cur, 1, dc.gamma).astype(jnp.int32)
     state = state.replace(
         key=key,
-        draft_proposed=state.draft_proposed + dc.gamma * active,
-        draft_accepted=state.draft_accepted + n * active,
+        draft_proposed=state.draft_proposed + state.gamma_cur * act,
+        draft_accepted=state.draft_accepted + n * act,
+        gamma_cur=gamma_cur,
+        spec_steps=state.spec_steps + 1,
     )
     return _commit(state, emitted, n + 1, cache, dc)
 
 
 def step(state: DecodeState, params: Params, cfg, qcfg, dc: DecodeConfig) -> DecodeState:
     """The one step function shared by the jitted loop and the Python loop."""
-    if dc.speculative:
+    if not dc.speculative:
+        return ar_step(state, params, cfg, qcfg, dc)
+    if dc.spec_max_active <= 0:
         return qspec_step(state, params, cfg, qcfg, dc)
-    return ar_step(state, params, cfg, qcfg, dc)
+    n_active = jnp.sum(~state.done)
+    return jax.lax.cond(
+        n_active > dc.spec_max_active,
+        lambda s: ar_step(s, params, cfg, qcfg, dc, dc.verify_precision),
+        lambda s: qspec_step(s, params, cfg, qcfg, dc),
+        state,
+    )
 
 
 def cond(state: DecodeState) -> jnp.ndarray:
