@@ -137,8 +137,16 @@ def quantize_model(
                 f"[{tokens.min()}, {tokens.max()}]"
             )
         layers = gptq_quantize_layers(
-            params, cfg, tokens, group_size, symmetric, rotated=rotated, percdamp=percdamp,
-            act_order=act_order, clip_search=clip_search, progress=progress,
+            params,
+            cfg,
+            tokens,
+            group_size,
+            symmetric,
+            rotated=rotated,
+            percdamp=percdamp,
+            act_order=act_order,
+            clip_search=clip_search,
+            progress=progress,
         )
     else:
         from qspec_jax.quant.rtn import quantize_weight_rtn  # noqa: PLC0415

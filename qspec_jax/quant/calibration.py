@@ -351,7 +351,9 @@ def calibration_token_stream(tokenizer: Any) -> np.ndarray:
     return np.asarray(stream, np.int32)
 
 
-def calibration_tokens(tokenizer: Any, seq_len: int = 512, max_seqs: int | None = None) -> np.ndarray:
+def calibration_tokens(
+    tokenizer: Any, seq_len: int = 512, max_seqs: int | None = None
+) -> np.ndarray:
     """Calibration token windows int32 [num_seqs, seq_len] from the project's own text.
 
     The stream of `calibration_token_stream` is cut into consecutive windows of `seq_len`; a

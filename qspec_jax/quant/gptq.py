@@ -311,8 +311,12 @@ def gptq_quantize_layers(
 
     def quant(name, i, inp):
         qw, deq = gptq_quantize(
-            getattr(lp, name)[i], _hessian(inp), group_size, symmetric,
-            return_dequantized=True, **kw,
+            getattr(lp, name)[i],
+            _hessian(inp),
+            group_size,
+            symmetric,
+            return_dequantized=True,
+            **kw,
         )
         out[name].append(qw)
         return jnp.asarray(deq, cfg.jnp_dtype)

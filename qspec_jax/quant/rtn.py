@@ -100,8 +100,11 @@ def group_params(
             deq = symmetric_codes(wg, scale) * scale
         else:
             # Shrink the range [lo, hi] by r about its centre (as the GPTQ / AWQ grids do).
-            mid = 0.5 * (hi + lo)
-            lo_r = mid - r * (mid - lo)
+            if r == 1.0:
+                lo_r = lo
+            else:
+                mid = 0.5 * (hi + lo)
+                lo_r = mid - r * (mid - lo)
             scale = (base * r).astype(wg.dtype)
             mn = lo_r.astype(wg.dtype)
             deq = asymmetric_codes(wg, scale, mn) * scale + mn
