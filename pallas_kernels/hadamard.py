@@ -456,3 +456,22 @@ def hadamard_transform_pallas(
         name="hadamard_transform",
     )(x3, at, c)  # [R, m'_pad, P2]
     return y[:, :mp].reshape(*lead, n)
+
+
+HadamardBlockSizes = BlockSizes  # the name used before the kernel modules settled on BlockSizes
+
+
+def hadamard_transform(x: jax.Array, *, impl: str | None = None) -> jax.Array:
+    """``x @ hadamard_matrix(n)`` along the last axis; ``impl`` as in `pallas_kernels.dispatch`.
+
+    Args:
+      x: float array [..., n].
+      impl: None (auto: Pallas on GPU, XLA elsewhere, XLA fallback for unsupported n), "xla",
+        "pallas" or "pallas_interpret".
+
+    Returns:
+      Array [..., n] of x.dtype.
+    """
+    from pallas_kernels import dispatch  # dispatch imports this module
+
+    return dispatch.hadamard_transform(x, impl=impl)
