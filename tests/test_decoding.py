@@ -125,3 +125,24 @@ def test_speculative_sampling_rule_preserves_target_distribution():
     expected = np.asarray(p) * n
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 20.5, (chi2, counts, expected)
+
+
+def test_unrolled_layers_equal_scanned_layers(tiny_cfg, tiny_params):
+    """The per-layer (unrolled, CPU default) and stacked (lax.scan) layouts compute the same.
+
+    Same math, but two different XLA programs whose fusions may round differently: 1e-6
+    relative is float32 rounding territory for values of order 1.
+    """
+    from qspec_jax.model.params import stack_layers, unstack_layers
+
+    toks, _ = _prompts([12, 12], t=12)
+    unstacked = unstack_layers(tiny_params)
+    assert isinstance(unstacked.layers, tuple) and len(unstacked.layers) == tiny_cfg.num_layers
+    cache = KVCache.init(tiny_cfg, 2, CAP)
+    a, ca = _fwd(tiny_params, toks, cache, tiny_cfg, NO_QUANT, "fp")
+    b, cb = _fwd(unstacked, toks, cache, tiny_cfg, NO_QUANT, "fp")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ca.k), np.asarray(cb.k), rtol=1e-6, atol=1e-6)
+    restacked = stack_layers(unstacked)
+    for x, y in zip(jax.tree_util.tree_leaves(restacked), jax.tree_util.tree_leaves(tiny_params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

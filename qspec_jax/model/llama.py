@@ -2,8 +2,9 @@
 
 Every forward takes a static `precision` ("fp", "w4a16", "w4a4", "w4a8"); only the linears look
 at it (through `qspec_jax.model.linear.linear`), so switching precision retraces nothing else.
-The decoder blocks run as one `lax.scan` over the stacked layer weights, with the KV cache in the
-scan carry so each layer's new K/V are written in place.
+The decoder blocks run as one `lax.scan` over stacked layer weights (one compiled body), or
+unrolled over a tuple of per-layer weights (faster on CPU, see `params.unstack_layers`), with the
+KV cache in the carry so each layer's new K/V are written in place.
 """
 
 from __future__ import annotations
@@ -180,8 +181,14 @@ def forward(
             x, ck, cv = _block(x, lp, layer, ck, cv, positions, inv_freq, cfg, qcfg, precision, impl)
         return (x, ck, cv), None
 
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params.layers, layer_ids))
+    if isinstance(params.layers, tuple):  # per-layer arrays: unrolled (fastest on CPU)
+        carry = (x, cache.k, cache.v)
+        for i, lp in enumerate(params.layers):
+            carry, _ = body(carry, (lp, jnp.int32(i)))
+        x, ck, cv = carry
+    else:  # stacked arrays: one compiled layer body
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params.layers, layer_ids))
     with jax.named_scope("head"):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [batch, D]

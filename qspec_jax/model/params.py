@@ -46,7 +46,8 @@ class Params:
 
     Attributes:
         embed: [V, D] token embedding (float; also the LM head when `lm_head` is None).
-        layers: the stacked decoder blocks.
+        layers: the decoder blocks, stacked on axis 0 (run as a `lax.scan`), or a tuple of
+            per-layer LayerParams without the layer axis (run unrolled; see `unstack_layers`).
         final_norm: [D] final RMSNorm scale.
         lm_head: [D, V] float LM head, or None when tied to `embed`.
     """
@@ -99,4 +100,27 @@ def weight_bytes(params: Params) -> int:
 
 
 def is_quantized(params: Params) -> bool:
-    return isinstance(params.layers.wqkv, QuantizedWeight)
+    layers = params.layers[0] if isinstance(params.layers, tuple) else params.layers
+    return isinstance(layers.wqkv, QuantizedWeight)
+
+
+def unstack_layers(params: Params) -> Params:
+    """Splits the stacked layer axis into a tuple of per-layer `LayerParams` (no extra copy kept).
+
+    On CPU, XLA copies a layer's weights out of a stacked array before every matmul when the
+    layers run as a `lax.scan` (dynamic slice) or as static slices, which doubles the memory
+    traffic of a decode step; separate per-layer arrays with the loop unrolled avoid it
+    (`forward` picks the unrolled path when `params.layers` is a tuple).
+    """
+    if isinstance(params.layers, tuple):
+        return params
+    n = jax.tree_util.tree_leaves(params.layers)[0].shape[0]
+    layers = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params.layers) for i in range(n))
+    return params.replace(layers=layers)
+
+
+def stack_layers(params: Params) -> Params:
+    """Inverse of `unstack_layers`."""
+    if not isinstance(params.layers, tuple):
+        return params
+    return params.replace(layers=jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params.layers))
