@@ -43,9 +43,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageProblem(f"{self.prog}: {message} (see --help)")
 
 
-def _limit(s: str) -> int | None | str:
+def _limit(s: str) -> int | str:
     if s.lower() == "all":
-        return None
+        return "all"
     try:
         return int(s)
     except ValueError:
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("math", "humaneval", "perplexity"), default="math")
     p.add_argument("--modes", default=None,
                    help="comma-separated: fp, w4a16, w4a4, w4a8, qspec (default w4a16,w4a4,qspec; fp with --quant none)")
-    p.add_argument("--limit", type=_limit, default="default",
+    p.add_argument("--limit", type=_limit, default=None,
                    help="first N items, or 'all' (default: math 8, humaneval 4, perplexity all)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or a model path")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="quarot-rtn")
@@ -123,8 +123,10 @@ def run(args, load_engine=None) -> int:
         _report(summary, path, not args.no_plot)
         return 0
 
-    if args.limit == "default":
+    if args.limit is None:
         args.limit = DEFAULT_LIMIT[args.task]
+    elif args.limit == "all":
+        args.limit = None
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_MAX_NEW[args.task]
     if args.modes is None:
