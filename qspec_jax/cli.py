@@ -3,6 +3,7 @@
 Subcommands:
     generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec)
     demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
+    quantize   quantize once and write an orbax checkpoint under checkpoints/
 
 Bad input prints one line to stderr and exits with status 2; nothing is half written.
 """
@@ -140,6 +141,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from qspec_jax.engine import quantize_to_checkpoint  # noqa: PLC0415
+
+    path = quantize_to_checkpoint(args.model, args.method, args.out, group_size=args.group_size,
+                                  overwrite=args.overwrite, seed=args.seed)
+    print(f"wrote {path}; load it with qspec_jax.load({path!r}) or --model {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qspec-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -166,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--num-prompts", type=int, default=4)
     d.set_defaults(func=cmd_demo)
+
+    from qspec_jax.engine import QUANT_METHODS  # noqa: PLC0415
+
+    q = sub.add_parser("quantize", help="quantize once and write an orbax checkpoint")
+    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a .gguf file or an HF dir")
+    q.add_argument("--method", required=True, choices=[m for m in QUANT_METHODS if m != "none"])
+    q.add_argument("--group-size", type=int, default=128, help="weight group size (0 = per channel)")
+    q.add_argument("--out", required=True, help="checkpoint directory to create, e.g. checkpoints/NAME")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_quantize)
     return p
 
 
@@ -177,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
-            raise CliError("qspec-jax: give a command: generate, demo (see --help)")
+            raise CliError("qspec-jax: give a command: generate, demo, quantize (see --help)")
         return args.func(args)
     except (CliError, UsageError, LoadError) as e:
         print(f"error: {e}" if not str(e).startswith("qspec-jax") else str(e), file=sys.stderr)

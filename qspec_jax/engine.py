@@ -372,7 +372,48 @@ def load(
 
 
 def _is_qspec_checkpoint(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "qspec_checkpoint.json"))
+    from qspec_jax.checkpoint import is_checkpoint  # noqa: PLC0415
+
+    return is_checkpoint(path)
+
+
+def quantize_to_checkpoint(
+    model: str,
+    method: str,
+    out: str,
+    *,
+    group_size: int = 128,
+    overwrite: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    **quant_options,
+) -> str:
+    """Quantizes a model once and writes an orbax checkpoint that `load(out)` restores.
+
+    Returns the checkpoint's absolute path. The write is atomic: an interrupted run leaves
+    nothing at `out` that loads.
+    """
+    if method not in QUANT_METHODS or method == "none":
+        raise UsageError(f"unknown method {method!r}: choose one of {', '.join(QUANT_METHODS[1:])}")
+    if os.path.exists(out) and not (overwrite and _is_qspec_checkpoint(out)):
+        what = "a checkpoint (pass --overwrite to replace it)" if _is_qspec_checkpoint(out) else "not a checkpoint"
+        raise UsageError(f"{out} already exists and is {what}: choose another --out")
+    from qspec_jax.checkpoint import save_quantized  # noqa: PLC0415
+    from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
+
+    cfg, params, qcfg = load_checkpoint(model, keep_int4=(method == "gguf"))
+    tokenizer = None
+    if method.endswith("gptq"):
+        tokenizer = quant_options.pop("calib_tokens", None) or _maybe_tokenizer(model)
+    if method != "gguf":
+        from qspec_jax.quant import quantize_model  # noqa: PLC0415
+
+        params, qcfg = quantize_model(params, cfg, method, group_size, calib_tokens=tokenizer,
+                                      seed=seed, progress=progress, **quant_options)
+    settings = dict(method=method, group_size=group_size, seed=seed, source=str(model), **{
+        k: v for k, v in quant_options.items() if isinstance(v, (int, float, str, bool))})
+    return save_quantized(out, cfg, params, qcfg, str(model), extra_meta=dict(quantizer=settings),
+                          overwrite=overwrite)
 
 
 def _maybe_tokenizer(source: str):
