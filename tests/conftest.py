@@ -44,3 +44,11 @@ def hf_smollm2():
     d, f = os.path.dirname(path), os.path.basename(path)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4():
+    """SmolLM2 with QuaRot + RTN int4 weights (group 64): one copy serving w4a16/w4a4/w4a8/qspec."""
+    import qspec_jax
+
+    return qspec_jax.load("smollm2-135m", quant="quarot-rtn", group_size=64, progress=False)
