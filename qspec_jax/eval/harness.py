@@ -500,6 +500,10 @@ def summarize(config: dict, modes: Sequence[str], items: Sequence[dict], batches
         comp["qspec_equals_w4a16_tokens"] = len(same) / len(common) if common else None
         comp["qspec_equals_w4a16_items"] = f"{len(same)}/{len(common)}"
         comp["qspec_mismatch_ids"] = [i for i in common if i not in set(same)][:20]
+        # greedy QSpec must reproduce W4A16 exactly; at temperature > 0 equality is not expected
+        comp["qspec_greedy_equality_violated"] = (
+            bool(common) and len(same) < len(common) if float(config.get("temperature", 0)) == 0 else None
+        )
         tq, tw = results["qspec"]["tokens_per_s"], results["w4a16"]["tokens_per_s"]
         comp["qspec_speedup_vs_w4a16"] = _ratio(tq, tw) if tq is not None and tw else None
     if all(m in results for m in ("qspec", "w4a16", "w4a4")):

@@ -40,6 +40,9 @@ def markdown_table(summary: dict) -> str:
     if comp.get("qspec_equals_w4a16_tokens") is not None:
         notes.append(f"QSpec tokens equal W4A16 tokens on {comp['qspec_equals_w4a16_items']} items "
                      f"({comp['qspec_equals_w4a16_tokens']:.3f})")
+        if comp.get("qspec_greedy_equality_violated"):
+            notes.append("WARNING: greedy QSpec must equal W4A16 on every item, this is a bug "
+                         f"(items {', '.join(comp.get('qspec_mismatch_ids', []))})")
     if comp.get("qspec_speedup_vs_w4a16") is not None:
         notes.append(f"QSpec/W4A16 tokens/s {comp['qspec_speedup_vs_w4a16']:.2f}x")
     if comp.get("recovered") is not None:
@@ -88,7 +91,10 @@ def plot_summary(summary: dict, png_path: str) -> None:
     ax.set_ylim(0, top * 1.35 if score_name == "perplexity" else max(1.0, top * 1.3))
     ax.set_ylabel(score_name)
     n = max((r["n_items"] for r in res.values()), default=0)
-    ax.set_title(f"{cfg['task']} ({n} items) per mode", fontsize=10)
+    q = cfg.get("engine", {}).get("quant")
+    qname = q.get("method") if isinstance(q, dict) else q
+    ax.set_title(f"{cfg['task']} ({n} items) per mode" + (f", weights {qname}" if qname else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -53,6 +53,7 @@ def test_math_scores_and_summary(tmp_path):
     comp = s["comparisons"]
     assert comp["qspec_equals_w4a16_tokens"] == 1.0 and comp["qspec_equals_w4a16_items"] == "10/10"
     assert comp["recovered"] == pytest.approx(1.0)
+    assert comp["qspec_greedy_equality_violated"] is False
     # tokens and speed: the fake's wall time is 1 ms per token (0.6 ms in qspec)
     toks = r["w4a16"]["tokens_generated"]
     assert toks == sum(len(x["tokens"]) for x in s["items"] if x["mode"] == "w4a16")
@@ -82,6 +83,11 @@ def test_qspec_mismatch_is_reported(tmp_path):
     _, _, s = _math_run(tmp_path, engine=eng, limit=4)
     assert s["comparisons"]["qspec_equals_w4a16_tokens"] == 0.75
     assert s["comparisons"]["qspec_mismatch_ids"] == ["math-002"]
+    assert s["comparisons"]["qspec_greedy_equality_violated"] is True
+    assert "WARNING: greedy QSpec must equal W4A16" in markdown_table(s)
+    _, _, s = _math_run(tmp_path, name="t.json", engine=FakeEngine(qspec_differs={"math-002"}),
+                        limit=4, temperature=0.7)
+    assert s["comparisons"]["qspec_greedy_equality_violated"] is None
 
 
 def test_recovered_undefined_without_gap_or_modes(tmp_path):
