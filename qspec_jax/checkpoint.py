@@ -56,7 +56,7 @@ import numpy as np
 
 from qspec_jax.config import LlamaConfig, QuantConfig, RopeScaling
 from qspec_jax.loading.errors import LoadError, load_error
-from qspec_jax.model.params import LayerParams, Params
+from qspec_jax.model.params import LayerParams, Params, stack_layers
 from qspec_jax.quant.format import QuantizedWeight
 
 FORMAT_VERSION = 1
@@ -378,7 +378,9 @@ def save_quantized(
         path: the checkpoint directory to create.
         cfg: the model config.
         params: the parameters (int4 `QuantizedWeight` linears, or float; None fields allowed).
-            Sharded arrays are gathered to the host first.
+            Per-layer (`unstack_layers`) params are stored stacked, the canonical layout
+            `load_quantized` returns (`Engine` unstacks again on CPU). Sharded arrays are
+            gathered to the host first.
         qcfg: how the weights were quantized.
         tokenizer_source: what `qspec_jax.loading.tokenizer.load_tokenizer` should read
             ("smollm2-135m", a .gguf path, a Hugging Face directory), or None. An existing
@@ -408,6 +410,7 @@ def save_quantized(
             )
     if not isinstance(params, Params):
         raise TypeError(f"save_quantized needs a Params tree, got {type(params).__name__}")
+    params = stack_layers(params)
     if tokenizer_source is not None:
         tokenizer_source = os.fspath(tokenizer_source)
         if os.path.exists(tokenizer_source):
@@ -588,7 +591,7 @@ def load_quantized(path: str | os.PathLike, *, mesh=None, verify_checksums: bool
             once more on the host; skipped for arrays not fully addressable by this process).
 
     Returns:
-        (LlamaConfig, Params, QuantConfig, tokenizer_source or None).
+        (LlamaConfig, Params with stacked layers, QuantConfig, tokenizer_source or None).
 
     Raises:
         LoadError: a missing or malformed file, a format version, config, structure, shape,

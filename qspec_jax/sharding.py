@@ -153,18 +153,18 @@ def _weight_specs(name: str, w: Any, m: int) -> Any:
         return same(PartitionSpec())
     # row parallel: split K
     if not quant:
-        k = w.shape[-2]
-        return _axis_spec(w.ndim, w.ndim - 2) if k % m == 0 else PartitionSpec()
+        nd = len(w.shape)
+        return _axis_spec(nd, nd - 2) if w.shape[-2] % m == 0 else PartitionSpec()
     k, groups = w.in_features, w.scales.shape[-2]
     g = k // groups
     if groups == 1:  # per channel: split the codes in whole tiles, replicate the [.., 1, N] scales
         if k % (m * PACK_TILE):
             return same(PartitionSpec())
-        code_spec = _axis_spec(w.packed.ndim, w.packed.ndim - 2)
+        code_spec = _axis_spec(len(w.packed.shape), len(w.packed.shape) - 2)
         return QuantizedWeight(code_spec, PartitionSpec(), None if w.mins is None else PartitionSpec())
     if k % (m * math.lcm(PACK_TILE, g)):
         return same(PartitionSpec())
-    spec = _axis_spec(w.packed.ndim, w.packed.ndim - 2)
+    spec = _axis_spec(len(w.packed.shape), len(w.packed.shape) - 2)
     return same(spec)
 
 
@@ -172,11 +172,26 @@ def param_specs(params: Params, mesh: Mesh | int) -> Params:
     """The PartitionSpec of every array leaf of `params` (same pytree structure, None kept).
 
     Args:
-        params: float or int4 parameters.
+        params: float or int4 parameters, with stacked layers or a tuple of per-layer
+            `LayerParams` (`qspec_jax.model.params.unstack_layers`, the engine's CPU layout).
         mesh: the mesh, or just the size of its "model" axis.
     """
     m = mesh if isinstance(mesh, int) else mesh.shape["model"]
-    lp = params.layers
+    rep = PartitionSpec()
+    if isinstance(params.layers, tuple):  # per-layer arrays (`unstack_layers`): same rules each
+        layers = tuple(_layer_specs(lp, m) for lp in params.layers)
+    else:
+        layers = _layer_specs(params.layers, m)
+    return Params(
+        embed=rep,
+        layers=layers,
+        final_norm=rep,
+        lm_head=None if params.lm_head is None else rep,
+    )
+
+
+def _layer_specs(lp: LayerParams, m: int) -> LayerParams:
+    """Specs of one LayerParams, stacked [L, ...] or a single layer (rules use the last 2 axes)."""
     rep = PartitionSpec()
     wqkv_spec = _weight_specs("wqkv", lp.wqkv, m)
     if lp.bqkv is None:
@@ -185,7 +200,7 @@ def param_specs(params: Params, mesh: Mesh | int) -> Params:
         # the bias follows the columns of wqkv
         col = wqkv_spec.packed if isinstance(wqkv_spec, QuantizedWeight) else wqkv_spec
         bqkv_spec = _column_spec(lp.bqkv.shape, m) if col != rep else rep
-    layers = LayerParams(
+    return LayerParams(
         attn_norm=rep,
         wqkv=wqkv_spec,
         bqkv=bqkv_spec,
@@ -193,12 +208,6 @@ def param_specs(params: Params, mesh: Mesh | int) -> Params:
         mlp_norm=rep,
         w_gate_up=_weight_specs("w_gate_up", lp.w_gate_up, m),
         w_down=_weight_specs("w_down", lp.w_down, m),
-    )
-    return Params(
-        embed=rep,
-        layers=layers,
-        final_norm=rep,
-        lm_head=None if params.lm_head is None else rep,
     )
 
 

@@ -111,6 +111,20 @@ def test_float_model_and_asymmetric_round_trip(tmp_path, tiny_cfg, tiny_params):
     assert p2.layers.wqkv.mins is not None and p2.layers.bqkv is not None
 
 
+def test_engine_params_unstacked_layout_saved_stacked(tmp_path, tiny_cfg, tiny_q):
+    """Engine keeps per-layer arrays on CPU (`unstack_layers`); saving stores the stacked layout."""
+    from qspec_jax.model.params import unstack_layers
+
+    params, qcfg = tiny_q
+    unstacked = unstack_layers(params)
+    assert isinstance(unstacked.layers, tuple)
+    save_quantized(tmp_path / "u", tiny_cfg, unstacked, qcfg, None)
+    _, p2, _, _ = load_quantized(tmp_path / "u")
+    assert not isinstance(p2.layers, tuple)
+    for a, b in zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_load_through_qspec_jax_load(saved, tiny_q, monkeypatch):
     import qspec_jax.engine as engine
 

@@ -39,7 +39,7 @@ def _worker(tmpdir: str) -> dict:
     from qspec_jax.config import QuantConfig, preset
     from qspec_jax.decoding import DecodeConfig, generate
     from qspec_jax.model.llama import forward
-    from qspec_jax.model.params import init_params
+    from qspec_jax.model.params import init_params, unstack_layers
     from qspec_jax.quant import quantize_model
     from qspec_jax.sharding import make_mesh, param_specs, shard_batch, shard_cache, shard_params
 
@@ -69,7 +69,8 @@ def _worker(tmpdir: str) -> dict:
                 params = shard_params(params, mesh)
             args = (params, shard_cache(cache, mesh), shard_batch(toks, mesh),
                     shard_batch(lens, mesh))
-            out["specs"][name] = str(param_specs(params, mesh).layers)
+            layers = param_specs(params, mesh).layers
+            out["specs"][name] = str(layers[-1] if isinstance(layers, tuple) else layers)
         t0 = time.perf_counter()
         st = generate(*args, key, cfg=cfg, qcfg=q, dc=dc)
         ntok, toks_out = jax.device_get((st.num_generated, st.out_tokens))
@@ -97,6 +98,8 @@ def _worker(tmpdir: str) -> dict:
         for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(want))
     )
     run("restored_data4_model2/w4a16", mesh, "w4a16", restored)
+    # the engine's CPU layout: a tuple of per-layer weights (unrolled layers)
+    run("unstacked_data4_model2/qspec", mesh, "qspec", unstack_layers(qparams))
 
     # asymmetric int4 (mins sharded with the scales), row-parallel: logits close to one device
     aparams, aqcfg = quantize_model(fparams, cfg, "rtn", 64, symmetric=False, progress=False)
@@ -174,6 +177,13 @@ def test_specs_recorded(multi):
     assert "w_gate_up=QuantizedWeight(packed=P(None, None, 'model')" in s8
 
 
+def test_unstacked_layers_sharded(multi):
+    assert multi["tokens"]["unstacked_data4_model2/qspec"] == multi["tokens"]["1dev/w4a16"]
+    s = multi["specs"]["unstacked_data4_model2/qspec"]  # one layer: [K/2, N], no layer axis
+    assert "wo=QuantizedWeight(packed=P('model', None), scales=P('model', None)" in s
+    assert "wqkv=QuantizedWeight(packed=P(None, 'model'), scales=P(None, 'model')" in s
+
+
 def test_checkpoint_restored_onto_mesh(multi):
     assert multi["restored_shardings_match"]
     assert multi["tokens"]["restored_data4_model2/w4a16"] == multi["tokens"]["1dev/w4a16"]
@@ -227,6 +237,11 @@ def test_param_specs_divisibility(tiny_cfg, tiny_params):
     assert f2.wqkv == P(None, None, "model") and f2.wo == P(None, "model", None)
     assert param_specs(tiny_params, 2).lm_head == P() and param_specs(tiny_params, 2).embed == P()
     assert f2.bqkv is None
+    from qspec_jax.model.params import unstack_layers
+
+    u = param_specs(unstack_layers(qp), 2).layers  # per-layer arrays: same rules, no layer axis
+    assert isinstance(u, tuple) and len(u) == tiny_cfg.num_layers
+    assert u[0].w_down.packed == P("model", None) and u[0].wqkv.scales == P(None, "model")
 
 
 if __name__ == "__main__":
