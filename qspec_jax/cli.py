@@ -4,6 +4,7 @@ Subcommands:
     generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec)
     demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
     quantize   quantize once and write an orbax checkpoint under checkpoints/
+    eval       score modes on math word problems, HumanEval pass@1 or held-out perplexity
 
 Bad input prints one line to stderr and exits with status 2; nothing is half written.
 """
@@ -150,6 +151,24 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from qspec_jax.engine import load  # noqa: PLC0415
+    from qspec_jax.eval import EvalUsageError, check_eval_args, markdown_table, run_eval  # noqa: PLC0415
+
+    limit = None if args.limit == 0 else args.limit
+    try:  # every argument checked before the model is loaded
+        check_eval_args(args.task, args.modes, limit, args.max_new_tokens, args.gamma, args.out)
+        engine = load(args.model, quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant),
+                      group_size=args.group_size)
+        summary = run_eval(engine, args.task, args.modes, limit, args.max_new_tokens, args.gamma,
+                           args.out)
+    except EvalUsageError as e:
+        raise CliError(str(e)) from None
+    print(markdown_table(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qspec-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -187,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="score modes on math word problems, HumanEval or perplexity")
+    _add_model_args(e)
+    e.add_argument("--task", required=True, choices=("math", "humaneval", "perplexity"))
+    e.add_argument("--modes", default="w4a16,w4a4,qspec", help="comma-separated modes")
+    e.add_argument("--limit", type=int, default=8, help="first N items (0 = all)")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--gamma", type=int, default=3)
+    e.add_argument("--out", default="experiments/results/eval.json", help="summary JSON (resumable)")
+    e.set_defaults(func=cmd_eval)
     return p
 
 
@@ -198,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
-            raise CliError("qspec-jax: give a command: generate, demo, quantize (see --help)")
+            raise CliError("qspec-jax: give a command: generate, demo, quantize, eval (see --help)")
         return args.func(args)
     except (CliError, UsageError, LoadError) as e:
         print(f"error: {e}" if not str(e).startswith("qspec-jax") else str(e), file=sys.stderr)

@@ -351,7 +351,7 @@ def load(
         if quant not in ("none",):
             raise UsageError(f"{model} is already quantized; do not pass quant={quant!r}")
         cfg, params, qcfg, tok_source = load_quantized(model)
-        tokenizer = _maybe_tokenizer(tok_source)
+        tokenizer = _maybe_tokenizer(tok_source) if tok_source else None
         return Engine(cfg, params, qcfg, tokenizer, source=str(model))
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))

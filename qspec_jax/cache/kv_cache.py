@@ -68,12 +68,16 @@ def write_layer(
         positions: int32 [batch, t], where each new entry goes (lengths[b] + 0..t-1).
         k, v: [batch, t, kv_heads, head_dim].
 
-    Positions at or past the capacity are dropped (never clamped onto valid entries).
+    Positions at or past the capacity are dropped (never clamped onto valid entries). The write
+    is a per-sequence scatter vmapped over the batch axis, so a batch-sharded cache is written
+    where it lives (no all-gather under GSPMD).
     """
-    b = jnp.arange(positions.shape[0])[:, None]  # [batch, 1]
-    cache_k = cache_k.at[layer, b, positions].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[layer, b, positions].set(v.astype(cache_v.dtype), mode="drop")
-    return cache_k, cache_v
+
+    def one(c, pos, new):  # c [layers, capacity, kv_heads, hd], pos [t], new [t, kv_heads, hd]
+        return c.at[layer, pos].set(new.astype(c.dtype), mode="drop")
+
+    write = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)
+    return write(cache_k, positions, k), write(cache_v, positions, v)
 
 
 def write(cache: KVCache, layer: int, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:

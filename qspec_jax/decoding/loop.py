@@ -224,8 +224,7 @@ def _commit(
     count = jnp.where(active, jnp.maximum(count, 0), 0)  # [batch]
     idx = state.num_generated[:, None] + j  # [batch, w]
     idx = jnp.where(j < count[:, None], idx, dc.out_len)  # out of range -> dropped
-    rows = jnp.arange(b)[:, None]
-    out = state.out_tokens.at[rows, idx].set(emitted, mode="drop")
+    out = jax.vmap(lambda o, i, e: o.at[i].set(e, mode="drop"))(state.out_tokens, idx, emitted)
     last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     new_lengths = jnp.where(active, state.cache.lengths + count, state.cache.lengths)
     stopped = first_eos < count  # the EOS itself was committed

@@ -44,7 +44,10 @@ def test_methods_shapes_and_w4a16_close_to_fp(method, tiny_cfg, tiny_params, tin
         assert qw.packed.shape == (n_layers, k // 2, n) and qw.packed.dtype == jnp.uint8
         assert qw.scales.shape == (n_layers, k // 64, n) and qw.group_size == 64
     assert not isinstance(qp.embed, QuantizedWeight)
-    assert qp.lm_head is None if not qcfg.rotated else qp.lm_head.shape == (128, 256)
+    if qcfg.rotated:  # QuaRot always holds an explicit (folded, rotated) float LM head
+        assert qp.lm_head.shape == (tiny_cfg.hidden_size, tiny_cfg.vocab_size)
+    else:
+        assert (qp.lm_head is None) == (tiny_params.lm_head is None)
     ref = _logits(tiny_params, tiny_cfg, NO_QUANT, tiny_tokens, "fp")
     got = _logits(qp, tiny_cfg, qcfg, tiny_tokens, "w4a16")
     # int4 weights with group 64 on a random model: measured relative error ~0.1

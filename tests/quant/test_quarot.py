@@ -25,8 +25,20 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def tiny(request, tiny_cfg, tiny_params):
+    """The tiny model with an explicit LM head and with the head tied to the embedding."""
+    if request.param == "tied":
+        return tiny_cfg.replace(tie_embeddings=True), tiny_params.replace(lm_head=None)
+    d, v = tiny_cfg.hidden_size, tiny_cfg.vocab_size
+    head = tiny_params.lm_head
+    if head is None:
+        head = 0.05 * jax.random.normal(jax.random.PRNGKey(5), (d, v))
+    return tiny_cfg.replace(tie_embeddings=False), tiny_params.replace(lm_head=head)
+
+
 @pytest.mark.parametrize("randomized", [False, True])
-def test_rotated_tiny_model_equals_original(tiny_cfg, tiny_params, randomized):
+def test_rotated_tiny_model_equals_original(tiny, randomized):
     """Relative L2 difference of the fp logits <= 1e-5 (measured about 1e-6).
 
     The rotation is exact in real arithmetic (orthonormal Q and H, norms folded); the only
@@ -35,6 +47,7 @@ def test_rotated_tiny_model_equals_original(tiny_cfg, tiny_params, randomized):
     (~sqrt(K) * 2^-24 relative per op). A real mistake (wrong transpose, norm not folded, wrong
     online Hadamard) changes the logits at order 1.
     """
+    tiny_cfg, tiny_params = tiny
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, tiny_cfg.vocab_size)
     ref = _logits(tiny_params, tiny_cfg, NO_QUANT, tokens)
     rot = rotate_params(tiny_params, tiny_cfg, randomized=randomized, seed=3)
@@ -45,18 +58,19 @@ def test_rotated_tiny_model_equals_original(tiny_cfg, tiny_params, randomized):
     assert _rel(_logits(rot, tiny_cfg, NO_QUANT, tokens), ref) > 0.1
 
 
-def test_rotated_structure(tiny_cfg, tiny_params):
+def test_rotated_structure(tiny):
+    tiny_cfg, tiny_params = tiny
     rot = rotate_params(tiny_params, tiny_cfg)
-    assert tiny_params.lm_head is None and rot.lm_head.shape == (
-        tiny_cfg.hidden_size,
-        tiny_cfg.vocab_size,
-    )
-    assert np.all(np.asarray(rot.layers.attn_norm) == 1) and np.all(np.asarray(rot.final_norm) == 1)
+    d, v = tiny_cfg.hidden_size, tiny_cfg.vocab_size
+    assert rot.lm_head.shape == (d, v)  # explicit even when the input was tied
+    assert np.all(np.asarray(rot.layers.attn_norm) == 1)
+    assert np.all(np.asarray(rot.layers.mlp_norm) == 1)
+    assert np.all(np.asarray(rot.final_norm) == 1)
     assert jax.tree_util.tree_map(jnp.shape, rot.layers) == jax.tree_util.tree_map(
         jnp.shape, tiny_params.layers
     )
-    q = residual_rotation(tiny_cfg.hidden_size, randomized=True, seed=1)
-    np.testing.assert_allclose(q @ q.T, np.eye(tiny_cfg.hidden_size), atol=1e-12)
+    q = residual_rotation(d, randomized=True, seed=1)
+    np.testing.assert_allclose(q @ q.T, np.eye(d), atol=1e-12)
 
 
 def test_rejects_int4_weights(tiny_cfg, tiny_params):
