@@ -47,8 +47,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="smollm2-135m (embedded), a preset, a .gguf file, an HF dir or a checkpoint")
     p.add_argument("--quant", default=None, choices=QUANT_METHODS,
                    help="weight quantization applied at load (default: none, or the mode's need)")
-    p.add_argument("--group-size", type=int, default=128,
+    p.add_argument("--group-size", type=int, default=64,
                    help="weight group size for the quantizer (0 = per channel)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="shard over this many devices (data parallel; default: no mesh)")
+    p.add_argument("--model-parallel", type=int, default=1,
+                   help="of --devices, how many form the tensor-parallel axis")
+
+
+def _mesh(args):
+    if args.devices is None:
+        if args.model_parallel != 1:
+            raise CliError("--model-parallel needs --devices")
+        return None
+    from qspec_jax.sharding import make_mesh  # noqa: PLC0415
+
+    try:
+        return make_mesh(args.devices, args.model_parallel)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def _read_prompts_file(path: str) -> list[str]:
@@ -91,7 +108,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     engine = load(args.model, quant=_default_quant(args.mode, args.quant), group_size=args.group_size,
-                  progress=not args.json)
+                  progress=not args.json, mesh=_mesh(args))
     engine.check_mode(args.mode)
     res = engine.generate(
         prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -115,7 +132,7 @@ def cmd_demo(args) -> int:
     from qspec_jax.engine import load  # noqa: PLC0415
 
     print(f"Loading {args.model} and quantizing with {args.quant} (group {args.group_size}) ...")
-    engine = load(args.model, quant=args.quant, group_size=args.group_size)
+    engine = load(args.model, quant=args.quant, group_size=args.group_size, mesh=_mesh(args))
     prompts = DEMO_PROMPTS[: args.num_prompts]
     kw = dict(max_new_tokens=args.max_new_tokens, chat=True)
     rows = []
@@ -159,7 +176,7 @@ def cmd_eval(args) -> int:
     try:  # every argument checked before the model is loaded
         check_eval_args(args.task, args.modes, limit, args.max_new_tokens, args.gamma, args.out)
         engine = load(args.model, quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant),
-                      group_size=args.group_size)
+                      group_size=args.group_size, mesh=_mesh(args))
         summary = run_eval(engine, args.task, args.modes, limit, args.max_new_tokens, args.gamma,
                            args.out)
     except EvalUsageError as e:

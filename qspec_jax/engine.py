@@ -72,11 +72,17 @@ class Engine:
     """
 
     def __init__(self, config: LlamaConfig, params: Params, qconfig: QuantConfig, tokenizer=None,
-                 source: str = "", unroll_layers: bool | None = None):
+                 source: str = "", unroll_layers: bool | None = None, mesh=None):
         self.config = config
         if unroll_layers is None:  # per-layer arrays run ~2x faster on XLA:CPU (no slice copies)
             unroll_layers = jax.default_backend() == "cpu"
-        self.params = unstack_layers(params) if unroll_layers else params
+        params = unstack_layers(params) if unroll_layers else params
+        self.mesh = mesh
+        if mesh is not None:  # weights tensor-parallel over "model", batches over "data"
+            from qspec_jax.sharding import shard_params  # noqa: PLC0415
+
+            params = shard_params(params, mesh)
+        self.params = params
         self.qconfig = qconfig
         self.tokenizer = tokenizer
         self.source = source
@@ -166,22 +172,22 @@ class Engine:
                 f"a prompt of {longest} tokens does not fit the model's context of {max_pos}"
             )
         capacity = min(capacity, max(max_pos, t_bucket))
-        return _bucket(len(token_lists), 1), t_bucket, capacity
+        batch = _bucket(len(token_lists), 1)
+        if self.mesh is not None:  # the batch must split evenly over the data axis
+            d = self.mesh.shape["data"]
+            batch = -(-batch // d) * d
+        return batch, t_bucket, capacity
 
-    def compiled_generate(self, batch: int, t_bucket: int, capacity: int, dc: DecodeConfig):
-        """The AOT-compiled generation function for these static shapes (cached)."""
-        key = (batch, t_bucket, capacity, dc)
-        if key not in self._compiled:
-            cache = KVCache.abstract(self.config, batch, capacity)
-            toks = jax.ShapeDtypeStruct((batch, t_bucket), jnp.int32)
-            lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-            rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    def compiled_generate(self, cache: KVCache, toks, lens, key, dc: DecodeConfig):
+        """The AOT-compiled generation function for these arguments' shapes and shardings (cached)."""
+        ckey = (toks.shape, cache.capacity, dc)
+        if ckey not in self._compiled:
             t0 = time.perf_counter()
             fn = generate.lower(
-                self.params, cache, toks, lens, rng, cfg=self.config, qcfg=self.qconfig, dc=dc
+                self.params, cache, toks, lens, key, cfg=self.config, qcfg=self.qconfig, dc=dc
             ).compile()
-            self._compiled[key] = (fn, time.perf_counter() - t0)
-        return self._compiled[key]
+            self._compiled[ckey] = (fn, time.perf_counter() - t0)
+        return self._compiled[ckey]
 
     def generate(
         self,
@@ -229,7 +235,6 @@ class Engine:
                                      spec_max_active=int(spec_max_active))
         token_lists = self.encode(prompts, chat=chat)
         batch, t_bucket, capacity = self._plan(token_lists, dc)
-        fn, compile_s = self.compiled_generate(batch, t_bucket, capacity, dc)
 
         n = len(token_lists)
         padded = token_lists + [token_lists[0]] * (batch - n)  # batch bucket filler rows
@@ -238,11 +243,18 @@ class Engine:
             toks[i, : len(t)] = t
         lens = np.asarray([len(t) for t in padded], np.int32)
         cache = KVCache.init(self.config, batch, capacity)
+        toks, lens = jnp.asarray(toks), jnp.asarray(lens)
+        if self.mesh is not None:
+            from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415
+
+            cache = shard_cache(cache, self.mesh)
+            toks, lens = shard_batch(toks, self.mesh), shard_batch(lens, self.mesh)
         key = jax.random.PRNGKey(seed)
-        jax.block_until_ready(cache)
+        fn, compile_s = self.compiled_generate(cache, toks, lens, key, dc)
+        jax.block_until_ready((cache, toks, lens))
 
         t0 = time.perf_counter()
-        state = fn(self.params, cache, jnp.asarray(toks), jnp.asarray(lens), key)
+        state = fn(self.params, cache, toks, lens, key)
         out = jax.device_get(
             (state.out_tokens, state.num_generated, state.finish, state.steps,
              state.draft_proposed, state.draft_accepted, state.verify_steps, state.spec_steps)
@@ -315,6 +327,7 @@ def load(
     dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
+    mesh=None,
     **quant_options,
 ) -> Engine:
     """Loads a model and returns an Engine.
@@ -330,6 +343,8 @@ def load(
         dtype: activation / float weight dtype.
         seed: seed for random-init presets and randomized rotations.
         progress: show progress bars while quantizing.
+        mesh: optional `jax.sharding.Mesh` from `qspec_jax.sharding.make_mesh`: batches split
+            over its "data" axis, weights tensor-parallel over its "model" axis.
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
     quant = quant or "none"
@@ -352,7 +367,7 @@ def load(
             raise UsageError(f"{model} is already quantized; do not pass quant={quant!r}")
         cfg, params, qcfg, tok_source = load_quantized(model)
         tokenizer = _maybe_tokenizer(tok_source) if tok_source else None
-        return Engine(cfg, params, qcfg, tokenizer, source=str(model))
+        return Engine(cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh)
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
         try:
@@ -368,7 +383,7 @@ def load(
             params, cfg, quant, group_size, calib_tokens=calib, seed=seed, progress=progress,
             **quant_options,
         )
-    return Engine(cfg, params, qcfg, tokenizer, source=str(model))
+    return Engine(cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh)
 
 
 def _is_qspec_checkpoint(path: str) -> bool:

@@ -247,3 +247,33 @@ def test_param_specs_divisibility(tiny_cfg, tiny_params):
 if __name__ == "__main__":
     print("RESULT " + json.dumps(_worker(sys.argv[1])))
     sys.exit(0)
+
+
+_ENGINE_SCRIPT = r"""
+import json, jax
+from qspec_jax.config import preset
+from qspec_jax.engine import Engine
+from qspec_jax.model.params import init_params
+from qspec_jax.quant import quantize_model
+from qspec_jax.sharding import make_mesh
+cfg = preset("tiny")
+qp, qc = quantize_model(init_params(cfg, jax.random.PRNGKey(0)), cfg, "rtn", 32, progress=False)
+prompts = [[5, 6, 7], [9] * 14, [11, 12, 13, 14, 15], [3], [40, 41, 42, 43], [7] * 9]
+out = {}
+for name, mesh in (("one", None), ("data8", make_mesh(8, 1)), ("data4_model2", make_mesh(8, 2))):
+    eng = Engine(cfg, qp, qc, mesh=mesh)
+    out[name] = {m: eng.generate(prompts, mode=m, max_new_tokens=10).tokens for m in ("w4a16", "qspec")}
+print(json.dumps(out))
+"""
+
+
+def test_engine_with_mesh_gives_the_same_tokens():
+    """`load(..., mesh=)` / `--devices`: the Engine's batches split over 8 emulated devices."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["one"]["qspec"] == out["one"]["w4a16"]
+    for name in ("data8", "data4_model2"):
+        assert out[name] == out["one"], name
