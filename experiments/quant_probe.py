@@ -47,6 +47,13 @@ PROMPTS = [
     "Write a Python function that checks whether a string is a valid IPv4 address.",
     "What are the main differences between a democracy and a monarchy?",
     "Give me a recipe for a vegetable soup, with a list of ingredients and steps.",
+    "A train leaves at 3:15 pm and the trip takes 2 hours and 50 minutes. When does it arrive? "
+    "Explain your reasoning.",
+    "Write a JavaScript function that removes duplicate values from an array.",
+    "Describe the life cycle of a butterfly.",
+    "Write a polite email to a landlord asking for a broken heater to be repaired.",
+    "Why is the sky blue? Give a short explanation for a ten-year-old.",
+    "List five tips for learning a new language and explain each one briefly.",
 ]
 
 
@@ -200,7 +207,7 @@ def main(argv=None):
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--calib-seqs", type=int, default=0, help="0 = all windows")
     ap.add_argument("--tokens", type=int, default=64, help="greedy W4A16 tokens per prompt")
-    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fp", action="store_true", help="also W4A16-vs-fp agreement")
     ap.add_argument("--out", default=None, help="JSON file for the results")

@@ -24,18 +24,20 @@ layer i + 1) through `qspec_jax.quant.calibration`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 
-from pallas_kernels.int4 import pack_int4
 from qspec_jax.config import LlamaConfig
 from qspec_jax.quant.format import QuantizedWeight
 from qspec_jax.quant.rtn import (
     asymmetric_codes,
     group_params,
+    pack_codes,
     resolve_group_size,
     symmetric_codes,
 )
@@ -56,8 +58,8 @@ class HessianAccumulator:
 
     def add(self, x) -> None:
         """Adds inputs x [..., K] (any leading shape)."""
-        x = np.asarray(x, np.float32).reshape(-1, self.h.shape[0])
-        self.h += (x.T @ x).astype(np.float64)  # float32 GEMM, float64 running sum
+        x = jnp.asarray(x, jnp.float32).reshape(-1, self.h.shape[0])
+        self.h += np.asarray(_gram(x), np.float64)  # float32 GEMM, float64 running sum
         self.n += x.shape[0]
 
     @property
@@ -67,19 +69,106 @@ class HessianAccumulator:
         return 2.0 * self.h / self.n
 
 
-def _f32(a: np.ndarray) -> np.ndarray:
-    """Rounds to float32 (the stored precision of scales and mins), kept as float64."""
-    return np.asarray(a, np.float32).astype(np.float64)
+@jax.jit
+def _gram(x):
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
-    """U upper-triangular with U^T U = H^-1 (H symmetric positive definite)."""
-    lower = np.linalg.cholesky(h)
-    eye = np.eye(h.shape[0])
-    linv = np.linalg.solve(lower, eye)  # L^-1 (lower)
-    hinv = linv.T @ linv  # H^-1
-    hinv = 0.5 * (hinv + hinv.T)
-    return np.linalg.cholesky(hinv).T
+def _inverse_cholesky_upper(h: np.ndarray) -> jnp.ndarray:
+    """U upper-triangular with U^T U = H^-1 (float32, H symmetric positive definite)."""
+    return _inverse_cholesky_upper_jit(jnp.asarray(h, jnp.float32))
+
+
+@jax.jit
+def _inverse_cholesky_upper_jit(h):
+    # With J the reversal permutation and J H J = L L^T: H^-1 = (J L^-T J)(J L^-1 J), and
+    # U = J L^-1 J is upper triangular, so one Cholesky and one triangular solve suffice.
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
+
+
+def _block_size(k: int, g: int, blocksize: int) -> int:
+    """Lazy-batch block: the largest divisor of k that is <= blocksize and a multiple of the
+    group size g (of 32 when per channel, g = k), so blocks tile K and groups never straddle."""
+    unit = g if g < k else 32
+    best = unit
+    for bs in range(unit, max(blocksize, unit) + 1, unit):
+        if k % bs == 0:
+            best = bs
+    return best
+
+
+@functools.partial(jax.jit, static_argnames=("g", "bs", "symmetric", "clip_search", "dynamic"))
+def _gptq_core(w, u, fixed_scales, fixed_mins, *, g, bs, symmetric, clip_search, dynamic):
+    """The GPTQ column loop (lazy-batch blocks of bs columns) in float32.
+
+    Args:
+        w: [N, K] weights, columns = input rows in processing order.
+        u: [K, K] upper Cholesky factor of H^-1 (same order).
+        fixed_scales, fixed_mins: [K, N] scale (and min) of each column when not `dynamic`.
+        g: group size; with `dynamic` a group's scale is computed from the updated weights when
+            its first column is reached (g divides bs).
+
+    Returns:
+        (codes [N, K] float32, dequantized [N, K], group scales [K/g, N], group mins [K/g, N]);
+        the group scales / mins are only meaningful with `dynamic`.
+    """
+    n, k = w.shape
+    ng = k // g
+    cols = jnp.arange(k)
+
+    def quant(col, scale, mn):
+        if symmetric:
+            c = symmetric_codes(col, scale)
+            return c, c * scale
+        c = asymmetric_codes(col, scale, mn)
+        return c, c * scale + mn
+
+    def block(b, carry):
+        w, codes, deq, scales, mins = carry
+        i1 = b * bs
+        w1 = jax.lax.dynamic_slice(w, (0, i1), (n, bs))  # [N, bs]
+        u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))  # [bs, bs]
+
+        def column(i, c):
+            w1, err1, codes1, deq1, scales, mins, scale, mn = c
+            col = i1 + i
+            if dynamic:
+
+                def fresh(_):
+                    wg = jax.lax.dynamic_slice(w1, (0, i), (n, g)).T  # [g, N]
+                    s, m = group_params(wg, symmetric, clip_search)  # [1, N]
+                    return s[0], (s[0] * 0 if m is None else m[0])
+
+                scale, mn = jax.lax.cond(i % g == 0, fresh, lambda _: (scale, mn), None)
+                scales = jax.lax.dynamic_update_slice(scales, scale[None], (col // g, 0))
+                mins = jax.lax.dynamic_update_slice(mins, mn[None], (col // g, 0))
+            else:
+                scale, mn = fixed_scales[col], fixed_mins[col]
+            wc = w1[:, i]
+            code, q = quant(wc, scale, mn)
+            err = (wc - q) / u1[i, i]
+            w1 = w1 - err[:, None] * u1[i][None, :]  # u1[i, :i] == 0: only later columns move
+            err1 = err1.at[:, i].set(err)
+            codes1 = codes1.at[:, i].set(code)
+            deq1 = deq1.at[:, i].set(q)
+            return w1, err1, codes1, deq1, scales, mins, scale, mn
+
+        zeros = jnp.zeros((n, bs), w.dtype)
+        init = (w1, zeros, zeros, zeros, scales, mins, scales[0], mins[0])
+        _, err1, codes1, deq1, scales, mins, _, _ = jax.lax.fori_loop(0, bs, column, init)
+        codes = jax.lax.dynamic_update_slice(codes, codes1, (0, i1))
+        deq = jax.lax.dynamic_update_slice(deq, deq1, (0, i1))
+        urow = jax.lax.dynamic_slice(u, (i1, 0), (bs, k)) * (cols >= i1 + bs)  # later columns
+        w = w - jnp.matmul(err1, urow, precision=jax.lax.Precision.HIGHEST)
+        return w, codes, deq, scales, mins
+
+    zeros_nk = jnp.zeros((n, k), w.dtype)
+    zeros_g = jnp.zeros((ng, n), w.dtype)
+    carry = (w, zeros_nk, zeros_nk, zeros_g, zeros_g)
+    _, codes, deq, scales, mins = jax.lax.fori_loop(0, k // bs, block, carry)
+    return codes, deq, scales, mins
 
 
 def gptq_quantize(
@@ -102,17 +191,20 @@ def gptq_quantize(
         group_size: rows of K per scale (0 = per output channel); adjusted per
             `qspec_jax.quant.rtn.resolve_group_size` when it does not divide K.
         symmetric: codes in [-8, 7] (else asymmetric [0, 15] with mins).
-        percdamp: H += percdamp * mean(diag H) * I before inversion.
-        blocksize: rows per lazy-batch block (rounded up to a multiple of the group size).
+        percdamp: H += percdamp * mean(diag H) * I before inversion (raised 10x up to twice
+            if H is still not numerically positive definite in float32).
+        blocksize: rows per lazy-batch block at most (the block is a divisor of K and a
+            multiple of the group size).
         act_order: process rows by decreasing diag(H) with static group scales.
         clip_search: choose each group's clip ratio by least squared error (of the weights the
             group holds when its scale is chosen).
         return_dequantized: also return the dequantized float weight [K, N].
 
     Returns:
-        QuantizedWeight (and the dequantized float64 [K, N] weight with `return_dequantized`).
+        QuantizedWeight (and the dequantized float32 numpy [K, N] weight with
+        `return_dequantized`, equal to the QuantizedWeight's dequantization).
     """
-    w = np.asarray(w, np.float64)
+    w = np.asarray(w, np.float32)
     k, n = w.shape
     g = resolve_group_size(k, group_size, warn=True)
     h = np.array(hessian, np.float64, copy=True)
@@ -124,77 +216,54 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    static = None
-    if act_order:
-        # Static groups: scales from the original weights, indexed by original row.
-        s, m = group_params(W.T.reshape(k // g, g, n), symmetric, clip_search)  # [K/G, 1, N]
-        static = (_f32(s), None if m is None else _f32(m))
-        perm = np.argsort(-np.diag(h), kind="stable")
-        W = W[:, perm]
-        h = h[perm][:, perm]
+    dynamic = g < k and not act_order
+    if dynamic:
+        fixed_s = fixed_m = np.zeros((k, n), np.float32)
     else:
-        perm = np.arange(k)
+        # Per channel: one scale per output column from the original weights (standard
+        # GPTQ); act-order: static groups, every group's scale from the original weights.
+        s, m = group_params(W.T.reshape(k // g, g, n), symmetric, clip_search)  # [K/G, 1, N]
+        group_s = s[:, 0]
+        group_m = np.zeros_like(group_s) if m is None else m[:, 0]
+        fixed_s = np.repeat(group_s, g, axis=0)  # [K, N] per original row
+        fixed_m = np.repeat(group_m, g, axis=0)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    W, h = W[:, perm], h[perm][:, perm]
+    fixed_s, fixed_m = fixed_s[perm], fixed_m[perm]
 
-    h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
-    U = _inverse_cholesky_upper(h)  # [K, K]
+    damp = percdamp * np.mean(np.diag(h))
+    for _ in range(3):
+        hd = h + damp * np.eye(k)
+        U = _inverse_cholesky_upper(hd)
+        if bool(jnp.all(jnp.isfinite(U))):
+            break
+        damp *= 10.0
+    else:
+        raise ValueError("GPTQ: the Hessian is not positive definite even after dampening")
 
-    bs = max(g, -(-blocksize // g) * g) if g < k else blocksize
-    codes = np.zeros((n, k), np.int8)
-    Q = np.zeros((n, k), np.float64)
-    scales = np.zeros((k // g, n), np.float64)
-    mins = None if symmetric else np.zeros((k // g, n), np.float64)
-    scale = mn = None
-    if not act_order and g == k:
-        # Per channel: one scale per output column from the original weights (standard GPTQ).
-        s, m = group_params(W.T[None], symmetric, clip_search)  # [1, 1, N]
-        scale, mn = _f32(s[0, 0]), (None if m is None else _f32(m[0, 0]))
-        scales[0] = scale
-        if mins is not None:
-            mins[0] = mn
-
-    for i1 in range(0, k, bs):
-        i2 = min(i1 + bs, k)
-        W1 = W[:, i1:i2].copy()  # [N, B]
-        Err1 = np.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if act_order:
-                gi = perm[col] // g
-                scale = static[0][gi, 0]
-                mn = None if symmetric else static[1][gi, 0]
-                scales[gi] = scale
-                if mins is not None:
-                    mins[gi] = mn
-            elif g < k and col % g == 0:
-                s, m = group_params(W1[:, i : i + g].T, symmetric, clip_search)  # [1, N]
-                scale, mn = _f32(s[0]), (None if m is None else _f32(m[0]))
-                scales[col // g] = scale
-                if mins is not None:
-                    mins[col // g] = mn
-            wcol = W1[:, i]
-            if symmetric:
-                c = symmetric_codes(wcol, scale)
-                q = c * scale
-            else:
-                c = asymmetric_codes(wcol, scale, mn)
-                q = c * scale + mn
-            codes[:, col] = c
-            Q[:, col] = q
-            err = (wcol - q) / U1[i, i]
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
+    bs = _block_size(k, g, blocksize)
+    codes, deq, scales, mins = _gptq_core(
+        jnp.asarray(W),
+        U,
+        jnp.asarray(fixed_s),
+        jnp.asarray(fixed_m),
+        g=g,
+        bs=bs,
+        symmetric=symmetric,
+        clip_search=clip_search,
+        dynamic=dynamic,
+    )
     inv = np.argsort(perm)
-    codes = codes[:, inv].T  # [K, N]
+    codes = np.asarray(codes)[:, inv].T.astype(np.int8)  # [K, N]
+    if not dynamic:
+        scales, mins = group_s, group_m
     qw = QuantizedWeight(
-        packed=pack_int4(jnp.asarray(codes)),
+        packed=pack_codes(codes),
         scales=jnp.asarray(scales, jnp.float32),
-        mins=None if mins is None else jnp.asarray(mins, jnp.float32),
+        mins=None if symmetric else jnp.asarray(mins, jnp.float32),
     )
     if return_dequantized:
-        return qw, Q[:, inv].T
+        return qw, np.asarray(deq)[:, inv].T
     return qw
 
 

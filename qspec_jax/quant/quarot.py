@@ -47,7 +47,12 @@ def residual_rotation(d: int, randomized: bool = False, seed: int = 0) -> np.nda
 
 
 def rotate_params(
-    params: Params, cfg: LlamaConfig, *, randomized: bool = False, seed: int = 0
+    params: Params,
+    cfg: LlamaConfig,
+    *,
+    randomized: bool = False,
+    seed: int = 0,
+    rotation: np.ndarray | None = None,
 ) -> Params:
     """QuaRot-rotates float parameters (see the module docstring).
 
@@ -59,6 +64,7 @@ def rotate_params(
         cfg: the model config (shapes).
         randomized: multiply the residual Hadamard by a random +-1 diagonal.
         seed: seed of the random signs.
+        rotation: an explicit orthogonal residual rotation Q [D, D] (overrides `randomized`).
 
     Returns:
         Params with norms all ones, an explicit lm_head [D, V], and rotated weights.
@@ -75,7 +81,12 @@ def rotate_params(
             )
     dt = params.embed.dtype
     f64 = lambda a: np.asarray(a, np.float64)
-    q = residual_rotation(cfg.hidden_size, randomized, seed)  # [D, D]
+    if rotation is None:
+        q = residual_rotation(cfg.hidden_size, randomized, seed)  # [D, D]
+    else:
+        q = np.asarray(rotation, np.float64)
+        if q.shape != (cfg.hidden_size,) * 2:
+            raise ValueError(f"rotation shape {q.shape} != (D, D) with D = {cfg.hidden_size}")
     h_q = hadamard_matrix(cfg.q_size)  # [q, q]
     h_f = hadamard_matrix(cfg.intermediate_size)  # [F, F]
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.int4 import HALF_TILE, check_packable, pack_int4
+from pallas_kernels.int4 import HALF_TILE, PACK_TILE, check_packable
 from qspec_jax.quant.format import QuantizedWeight
 
 # Clip ratios tried by the clip search (r = 1.0 first: ties keep plain RTN).
@@ -60,38 +61,56 @@ def resolve_group_size(k: int, group_size: int, *, warn: bool = False) -> int:
     return g
 
 
+def pack_codes(codes: np.ndarray) -> jnp.ndarray:
+    """`pallas_kernels.int4.pack_int4` in numpy (no per-shape compile): int codes [..., K, N] ->
+    uint8 [..., K // 2, N]; byte (t * 32 + r) holds row t * 64 + r low, t * 64 + 32 + r high."""
+    *lead, k, n = codes.shape
+    nib = (np.asarray(codes).astype(np.int32) & 0xF).astype(np.uint8)
+    nib = nib.reshape(*lead, k // PACK_TILE, 2, HALF_TILE, n)
+    packed = nib[..., 0, :, :] | (nib[..., 1, :, :] << 4)
+    return jnp.asarray(packed.reshape(*lead, k // 2, n))
+
+
 def _groups(w: np.ndarray, g: int) -> np.ndarray:
     """[..., K, N] -> [..., K // g, g, N] (a view)."""
     *lead, k, n = w.shape
     return w.reshape(*lead, k // g, g, n)
 
 
-def symmetric_codes(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """clip(round(w / scale), -8, 7) with broadcasting (scale > 0)."""
-    return np.clip(np.round(w / scale), SYM_QMIN, SYM_QMAX)
+def _xp(a):
+    """numpy for numpy arrays, jax.numpy for jax arrays and tracers (the GPTQ loop is jitted)."""
+    return jnp if isinstance(a, jax.Array) else np
 
 
-def asymmetric_codes(w: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
-    """clip(round((w - min) / scale), 0, 15) with broadcasting (scale > 0)."""
-    return np.clip(np.round((w - mn) / scale), 0, ASYM_QMAX)
+def symmetric_codes(w, scale):
+    """clip(round(w / scale), -8, 7) with broadcasting (scale > 0); numpy or jax arrays."""
+    xp = _xp(w)
+    return xp.clip(xp.round(w / scale), SYM_QMIN, SYM_QMAX)
 
 
-def group_params(
-    wg: np.ndarray, symmetric: bool, clip_search: bool = False
-) -> tuple[np.ndarray, np.ndarray | None]:
+def asymmetric_codes(w, scale, mn):
+    """clip(round((w - min) / scale), 0, 15) with broadcasting (scale > 0); numpy or jax arrays."""
+    xp = _xp(w)
+    return xp.clip(xp.round((w - mn) / scale), 0, ASYM_QMAX)
+
+
+def group_params(wg, symmetric: bool, clip_search: bool = False):
     """Scales (and mins) of grouped weights wg [..., G, N] (the group axis is -2).
+
+    Works on numpy arrays and on jax arrays (inside jit).
 
     Returns:
         (scale [..., 1, N], min [..., 1, N] or None), float arrays of wg's dtype.
     """
+    xp = _xp(wg)
     ratios = CLIP_GRID if clip_search else (1.0,)
     if symmetric:
-        amax = np.max(np.abs(wg), axis=-2, keepdims=True)
-        base = np.where(amax > 0, amax / SYM_QMAX, 1.0)
+        amax = xp.max(xp.abs(wg), axis=-2, keepdims=True)
+        base = xp.where(amax > 0, amax / SYM_QMAX, 1.0)
     else:
-        hi = np.max(wg, axis=-2, keepdims=True)
-        lo = np.min(wg, axis=-2, keepdims=True)
-        base = np.where(hi > lo, (hi - lo) / ASYM_QMAX, 1.0)
+        hi = xp.max(wg, axis=-2, keepdims=True)
+        lo = xp.min(wg, axis=-2, keepdims=True)
+        base = xp.where(hi > lo, (hi - lo) / ASYM_QMAX, 1.0)
     best_scale = best_min = best_err = None
     for r in ratios:
         if symmetric:
@@ -110,15 +129,15 @@ def group_params(
             deq = asymmetric_codes(wg, scale, mn) * scale + mn
         if len(ratios) == 1:
             return scale, mn
-        err = np.sum((deq - wg) ** 2, axis=-2, keepdims=True)
+        err = xp.sum((deq - wg) ** 2, axis=-2, keepdims=True)
         if best_err is None:
             best_scale, best_min, best_err = scale, mn, err
         else:
             better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
+            best_err = xp.where(better, err, best_err)
+            best_scale = xp.where(better, scale, best_scale)
             if mn is not None:
-                best_min = np.where(better, mn, best_min)
+                best_min = xp.where(better, mn, best_min)
     return best_scale, best_min
 
 
@@ -149,7 +168,7 @@ def quantize_weight_rtn(
         codes = asymmetric_codes(wg, scale, mn)
     codes = codes.reshape(w.shape).astype(np.int8)
     return QuantizedWeight(
-        packed=pack_int4(jnp.asarray(codes)),
+        packed=pack_codes(codes),
         scales=jnp.asarray(scale[..., 0, :], jnp.float32),
         mins=None if symmetric else jnp.asarray(mn[..., 0, :], jnp.float32),
     )

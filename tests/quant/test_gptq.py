@@ -58,7 +58,8 @@ def test_identity_hessian_reduces_to_rtn(group_size):
     qw = gptq_quantize(w, np.eye(128), group_size, True)
     ref = quantize_weight_rtn(w, group_size, True)
     np.testing.assert_array_equal(np.asarray(qw.packed), np.asarray(ref.packed))
-    np.testing.assert_allclose(np.asarray(qw.scales), np.asarray(ref.scales), rtol=1e-7)
+    # XLA may divide by 7 as a multiply by 1/7: scales can differ from numpy's by an ulp
+    np.testing.assert_allclose(np.asarray(qw.scales), np.asarray(ref.scales), rtol=3e-7)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
