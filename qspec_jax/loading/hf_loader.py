@@ -20,20 +20,12 @@ import numpy as np
 
 from qspec_jax.config import LlamaConfig, QuantConfig, RopeScaling
 from qspec_jax.loading.errors import load_error
+from qspec_jax.loading.gguf_loader import _float_dtype
 from qspec_jax.model.params import LayerParams, Params
 
 __all__ = ["config_from_hf", "load_hf_dir"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def _float_dtype(dtype: Any) -> np.dtype:
-    dt = jnp.dtype(dtype)
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(
-            f"dtype must be a float dtype such as 'float32' or 'bfloat16', got {dtype!r}"
-        )
-    return dt
 
 
 def _read_json(path: str) -> dict:
