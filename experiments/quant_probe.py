@@ -17,6 +17,9 @@ is evaluated under every activation setting asked for.
     python experiments/quant_probe.py --methods quarot-rtn,quarot-gptq --group-sizes 32 \
         --act-groups 0,32 --clips 1.0,0.9 --precisions w4a4,w4a8
 
+With ``--text fp`` the teacher-forced text is the float model's greedy continuation instead,
+the same for every setting (removes the confound that an easier W4A16 text raises agreement).
+
 One line of results per (weights, activation setting), and a JSON dump with --out.
 """
 
@@ -113,19 +116,34 @@ def greedy_batch(params, cfg, qcfg, prompts, n_new, precision="w4a16"):
     return np.stack([np.asarray(t) for t in out], 1).tolist()  # [b, n_new]
 
 
-def _full_fn(cfg, qcfg, precision, shape):
-    """Teacher-forced forward of [b, S] from an empty cache: (argmax [b, S], cache)."""
+def _full_fn(cfg, qcfg, precision, shape, with_kl):
+    """Teacher-forced forward of [b, S] from an empty cache.
+
+    Returns (argmax [b, S], log-probs [b, S, V], cache), or with `with_kl` a function of
+    (params, toks, ref_logp) returning (argmax [b, S], KL(ref || this) [b, S]).
+    """
 
     def make():
-        @jax.jit
-        def f(params, toks):
+        def run(params, toks):
             cache = KVCache.init(cfg, toks.shape[0], toks.shape[1])
             logits, cache = forward(params, toks, cache, cfg, qcfg, precision)
-            return jnp.argmax(logits, -1), cache
+            return jnp.argmax(logits, -1), jax.nn.log_softmax(logits, -1), cache
+
+        if not with_kl:
+            return jax.jit(run)
+
+        @jax.jit
+        def f(params, toks, ref_logp):
+            am, logp, _ = run(params, toks)
+            return am, _kl(ref_logp, logp)
 
         return f
 
-    return _cached(("full", cfg, qcfg, precision, shape), make)
+    return _cached(("full", cfg, qcfg, precision, shape, with_kl), make)
+
+
+def _kl(ref_logp, logp):
+    return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), -1)
 
 
 def _kv16_fn(cfg, qcfg, precision, n):
@@ -133,13 +151,14 @@ def _kv16_fn(cfg, qcfg, precision, n):
 
     def make():
         @jax.jit
-        def f(params, toks, k16, v16, positions):
+        def f(params, toks, k16, v16, positions, ref_logp):
             # k16, v16: [L, 1, S, kvh, hd] of one sequence, broadcast to the n probe rows
             k = jnp.broadcast_to(k16, (k16.shape[0], n, *k16.shape[2:]))
             v = jnp.broadcast_to(v16, (v16.shape[0], n, *v16.shape[2:]))
             cache = KVCache(k=k, v=v, lengths=positions)
             logits, _ = forward(params, toks[positions][:, None], cache, cfg, qcfg, precision)
-            return jnp.argmax(logits[:, 0], -1)
+            logits = logits[:, 0]  # [n, V]
+            return jnp.argmax(logits, -1), _kl(ref_logp, jax.nn.log_softmax(logits, -1))
 
         return f
 
@@ -150,23 +169,24 @@ def evaluate(params, cfg, qcfg, seqs, n_new, act_settings, precisions, fp_params
     """Agreement numbers for one quantized model under each activation setting.
 
     seqs: list of (prompt + continuation ids, prompt length); every continuation has n_new ids.
+    Besides top-1 agreement, the mean KL(W4A16 || low-bit) over the same positions (a smoother
+    measure of the same thing, less noisy than agreement for comparing settings).
     """
     s_len = max(len(ids) for ids, _ in seqs)
     toks = jnp.asarray(_pad([ids for ids, _ in seqs], s_len, cfg.pad_token_id))
     starts = [n_prompt - 1 for _, n_prompt in seqs]  # position predicting continuation token 0
+    sel = np.zeros((len(seqs), s_len), bool)
+    for i, s in enumerate(starts):
+        sel[i, s : s + n_new] = True
 
-    def agree(am, ref):
-        am = np.asarray(am)
-        return sum(int((am[i, s : s + n_new] == ref[i]).sum()) for i, s in enumerate(starts))
-
-    am16, cache16 = _full_fn(cfg, qcfg, "w4a16", toks.shape)(params, toks)
+    am16, logp16, cache16 = _full_fn(cfg, qcfg, "w4a16", toks.shape, False)(params, toks)
     am16 = np.asarray(am16)
-    ref = [am16[i, s : s + n_new] for i, s in enumerate(starts)]
+    ref = am16[sel]  # [b * n_new], row-major = prompt by prompt
     total = n_new * len(seqs)
     fp_agree = None
     if fp_params is not None:
-        am, _ = _full_fn(cfg, QuantConfig(), "fp", toks.shape)(fp_params, toks)
-        fp_agree = agree(am, ref) / total
+        am, _, _ = _full_fn(cfg, QuantConfig(), "fp", toks.shape, False)(fp_params, toks)
+        fp_agree = float((np.asarray(am)[sel] == ref).mean())
     results = []
     for ag, clip in act_settings:
         q = QuantConfig(
@@ -179,15 +199,25 @@ def evaluate(params, cfg, qcfg, seqs, n_new, act_settings, precisions, fp_params
         )
         row = {"act_group_size": ag, "act_clip_ratio": clip, "w16_vs_fp": fp_agree}
         for prec in precisions:
-            am, _ = _full_fn(cfg, q, prec, toks.shape)(params, toks)
-            row[f"{prec}_tf"] = agree(am, ref) / total
-            hits = 0
+            am, kl = _full_fn(cfg, q, prec, toks.shape, True)(params, toks, logp16)
+            row[f"{prec}_tf"] = float((np.asarray(am)[sel] == ref).mean())
+            row[f"{prec}_tf_kl"] = float(np.asarray(kl)[sel].mean())
+            hits, kls = 0, []
             kv16 = _kv16_fn(cfg, q, prec, n_new)
             for i, s in enumerate(starts):
                 pos = jnp.arange(s, s + n_new, dtype=jnp.int32)
-                am1 = kv16(params, toks[i], cache16.k[:, i : i + 1], cache16.v[:, i : i + 1], pos)
-                hits += int((np.asarray(am1) == ref[i]).sum())
+                am1, kl1 = kv16(
+                    params,
+                    toks[i],
+                    cache16.k[:, i : i + 1],
+                    cache16.v[:, i : i + 1],
+                    pos,
+                    logp16[i, s : s + n_new],
+                )
+                hits += int((np.asarray(am1) == am16[i, s : s + n_new]).sum())
+                kls.append(np.asarray(kl1))
             row[f"{prec}_kv16"] = hits / total
+            row[f"{prec}_kv16_kl"] = float(np.concatenate(kls).mean())
         results.append(row)
     return results
 
@@ -210,6 +240,14 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fp", action="store_true", help="also W4A16-vs-fp agreement")
+    ap.add_argument(
+        "--text",
+        choices=("w4a16", "fp"),
+        default="w4a16",
+        help="whose greedy continuations are teacher-forced: each quantized model's own W4A16 "
+        "(what QSpec sees) or the float model's, shared by every setting (a fixed text, so "
+        "settings are compared on the same tokens)",
+    )
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="weight group size")
@@ -226,6 +264,9 @@ def main(argv=None):
     ]
     precisions = args.precisions.split(",")
     all_rows = []
+    fp_conts = None
+    if args.text == "fp":
+        fp_conts = greedy_batch(fp_params, cfg, QuantConfig(), prompts, args.tokens, "fp")
     for method, gs, cs, rnd in itertools.product(
         args.methods.split(","),
         [int(g) for g in args.group_sizes.split(",")],
@@ -252,8 +293,11 @@ def main(argv=None):
         tq = time.time() - t1
         print(f"  quantized {method} g{gs} in {tq:.0f}s", flush=True)
         t2 = time.time()
-        conts = greedy_batch(params, cfg, qcfg, prompts, args.tokens)
-        print(f"  W4A16 greedy in {time.time() - t2:.0f}s", flush=True)
+        if fp_conts is None:
+            conts = greedy_batch(params, cfg, qcfg, prompts, args.tokens)
+            print(f"  W4A16 greedy in {time.time() - t2:.0f}s", flush=True)
+        else:
+            conts = fp_conts
         seqs = [(ids + c, len(ids)) for ids, c in zip(prompts, conts)]
         rows = evaluate(
             params,

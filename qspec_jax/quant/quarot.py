@@ -53,6 +53,7 @@ def rotate_params(
     randomized: bool = False,
     seed: int = 0,
     rotation: np.ndarray | None = None,
+    down_scales: np.ndarray | None = None,
 ) -> Params:
     """QuaRot-rotates float parameters (see the module docstring).
 
@@ -65,6 +66,10 @@ def rotate_params(
         randomized: multiply the residual Hadamard by a random +-1 diagonal.
         seed: seed of the random signs.
         rotation: an explicit orthogonal residual rotation Q [D, D] (overrides `randomized`).
+        down_scales: optional positive [L, F] smoothing of the w_down inputs: the up columns of
+            w_gate_up are multiplied by it and the w_down rows divided by it before the online
+            Hadamard is absorbed (silu(gate) * (up * s) @ (W_down / s) is unchanged), so
+            channels with huge activations can be shrunk before the Hadamard spreads them.
 
     Returns:
         Params with norms all ones, an explicit lm_head [D, V], and rotated weights.
@@ -96,7 +101,15 @@ def rotate_params(
     wqkv = q.T @ (attn_norm[:, :, None] * f64(lp.wqkv))  # [L, D, q+2kv]
     w_gate_up = q.T @ (mlp_norm[:, :, None] * f64(lp.w_gate_up))  # [L, D, 2F]
     wo = h_q.T @ f64(lp.wo) @ q  # [L, q, D]
-    w_down = h_f.T @ f64(lp.w_down) @ q  # [L, F, D]
+    w_down = f64(lp.w_down)  # [L, F, D]
+    if down_scales is not None:
+        sc = f64(down_scales)  # [L, F]
+        f = cfg.intermediate_size
+        if sc.shape != (cfg.num_layers, f) or not np.all(sc > 0):
+            raise ValueError(f"down_scales must be positive [L, F] = {(cfg.num_layers, f)}")
+        w_gate_up[:, :, f:] *= sc[:, None, :]
+        w_down = w_down / sc[:, :, None]
+    w_down = h_f.T @ w_down @ q  # [L, F, D]
 
     embed = f64(params.embed)  # [V, D]
     head = f64(params.lm_head) if params.lm_head is not None else embed.T  # [D, V]

@@ -58,6 +58,19 @@ def test_rotated_tiny_model_equals_original(tiny, randomized):
     assert _rel(_logits(rot, tiny_cfg, NO_QUANT, tokens), ref) > 0.1
 
 
+def test_down_scales_keep_the_function(tiny):
+    """Smoothing the w_down inputs (up columns * s, w_down rows / s) is exact as well."""
+    tiny_cfg, tiny_params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 16), 0, tiny_cfg.vocab_size)
+    ref = _logits(tiny_params, tiny_cfg, NO_QUANT, tokens)
+    shape = (tiny_cfg.num_layers, tiny_cfg.intermediate_size)
+    s = np.exp(np.random.default_rng(0).normal(size=shape))
+    got = _logits(rotate_params(tiny_params, tiny_cfg, down_scales=s), tiny_cfg, ROTATED, tokens)
+    assert _rel(got, ref) <= 1e-5
+    with pytest.raises(ValueError, match="down_scales"):
+        rotate_params(tiny_params, tiny_cfg, down_scales=-s)
+
+
 def test_rotated_structure(tiny):
     tiny_cfg, tiny_params = tiny
     rot = rotate_params(tiny_params, tiny_cfg)
