@@ -230,7 +230,7 @@ def main(argv=None):
     ap.add_argument("--clips", default="1.0")
     ap.add_argument("--precisions", default="w4a4,w4a8")
     ap.add_argument("--asym", action="store_true", help="asymmetric weights")
-    ap.add_argument("--clip-search", default="0", help="weight clip search: 0, 1 or 0,1")
+    ap.add_argument("--clip-search", default="1", help="weight clip search: 0, 1 or 0,1")
     ap.add_argument("--randomized", default="0", help="randomized Hadamard: 0, 1 or 0,1")
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--percdamp", type=float, default=0.01)

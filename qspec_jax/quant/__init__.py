@@ -62,7 +62,7 @@ def quantize_model(
     act_group_size: int | None = None,
     act_clip_ratio: float | None = None,
     randomized_hadamard: bool = False,
-    clip_search: bool = False,
+    clip_search: bool = True,
     percdamp: float = 0.01,
     act_order: bool = False,
     calib_seq_len: int = 512,
@@ -90,7 +90,9 @@ def quantize_model(
         act_clip_ratio: activation clip ratio of the returned QuantConfig; default
             `DEFAULT_ACT_CLIP_RATIO`.
         randomized_hadamard: QuaRot residual rotation diag(random signs) @ H instead of H.
-        clip_search: per-group clip-ratio search minimising the weight reconstruction error.
+        clip_search: per-group clip-ratio search minimising the weight reconstruction error
+            (on by default: on SmolLM2 quarot-gptq g32 it raised W4A16-vs-fp top-1 agreement
+            0.84 -> 0.86 and lowered the W4A4-vs-W4A16 KL 0.37 -> 0.36 / 0.16 -> 0.14).
         percdamp: GPTQ Hessian dampening.
         act_order: GPTQ act-order (with static groups, exact packed layout).
         calib_seq_len: window length when calibration text is tokenized or re-chunked.
