@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check qspec_jax pallas_kernels tests experiments
 	$(BIN)/python -m pytest tests
+
+# On a machine with a CUDA GPU: the full check with the python3 that has a CUDA jax (a lent GPU
+# machine's own), else the venv with the `gpu` extra. Without a GPU: the dry part (CI runs it).
+gpu-check:
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+	  if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then \
+	    PYTHONPATH="$(CURDIR):$$PYTHONPATH" python3 experiments/gpu_check.py $(GPU_CHECK_ARGS); \
+	  else \
+	    $(MAKE) setup && $(BIN)/pip install -q -e '.[gpu]' && $(BIN)/python experiments/gpu_check.py $(GPU_CHECK_ARGS); \
+	  fi; \
+	else \
+	  $(MAKE) setup && $(BIN)/python experiments/gpu_check.py --dry $(GPU_CHECK_ARGS); \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check qspec_jax pallas_kernels tests experiments
