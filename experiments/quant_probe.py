@@ -20,6 +20,10 @@ is evaluated under every activation setting asked for.
 With ``--text fp`` the teacher-forced text is the float model's greedy continuation instead,
 the same for every setting (removes the confound that an easier W4A16 text raises agreement).
 
+``--methods gguf`` evaluates the GGUF file's own Q4_1 codes (asymmetric group 32, kept exactly:
+its W4A16 is the shipped model; no rotation, since rotating would re-quantize the weights);
+--group-sizes does not apply to it.
+
 One line of results per (weights, activation setting), and a JSON dump with --out.
 """
 
@@ -276,20 +280,23 @@ def main(argv=None):
         if rnd and not method.startswith("quarot"):
             continue
         t1 = time.time()
-        params, qcfg = quantize_model(
-            fp_params,
-            cfg,
-            method,
-            gs,
-            calib_tokens=calib,
-            symmetric=not args.asym,
-            seed=args.seed,
-            progress=False,
-            randomized_hadamard=rnd,
-            clip_search=cs,
-            act_order=args.act_order,
-            percdamp=args.percdamp,
-        )
+        if method == "gguf":  # the file's own Q4_1 codes, kept exactly (no rotation possible)
+            _, params, qcfg = load_checkpoint("smollm2-135m", keep_int4=True)
+        else:
+            params, qcfg = quantize_model(
+                fp_params,
+                cfg,
+                method,
+                gs,
+                calib_tokens=calib,
+                symmetric=not args.asym,
+                seed=args.seed,
+                progress=False,
+                randomized_hadamard=rnd,
+                clip_search=cs,
+                act_order=args.act_order,
+                percdamp=args.percdamp,
+            )
         tq = time.time() - t1
         print(f"  quantized {method} g{gs} in {tq:.0f}s", flush=True)
         t2 = time.time()

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from qspec_jax.decoding.loop import MODES
+from qspec_jax.decoding.loop import DRAFT_PRECISIONS, MODES
 
 EXIT_USAGE = 2
 
@@ -113,6 +113,7 @@ def cmd_generate(args) -> int:
     res = engine.generate(
         prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat, gamma=args.gamma,
+        draft=args.draft,
     )
     if args.json:
         print(json.dumps(res.to_json()))
@@ -123,7 +124,8 @@ def cmd_generate(args) -> int:
         s = res.stats
         line = f"--- {s['tokens_generated']} tokens in {s['wall_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s ({args.mode})"
         if args.mode == "qspec":
-            line += f", acceptance {s['acceptance_rate']:.2f}, {s['mean_tokens_per_step']:.2f} tokens/step"
+            line += (f", draft {s['draft']}, acceptance {s['acceptance_rate']:.2f}, "
+                     f"{s['mean_tokens_per_step']:.2f} tokens/step")
         print(line)
     return 0
 
@@ -137,8 +139,8 @@ def cmd_demo(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, chat=True)
     rows = []
     for mode in ("w4a16", "w4a4", "qspec"):
-        engine.generate(prompts, mode=mode, gamma=args.gamma, **kw)  # compile + warm up
-        res = engine.generate(prompts, mode=mode, gamma=args.gamma, **kw)
+        engine.generate(prompts, mode=mode, gamma=args.gamma, draft=args.draft, **kw)  # compile
+        res = engine.generate(prompts, mode=mode, gamma=args.gamma, draft=args.draft, **kw)
         rows.append((mode, res))
     base = rows[0][1]
     for i, p in enumerate(prompts):
@@ -154,7 +156,7 @@ def cmd_demo(args) -> int:
             f"{res.stats['tokens_per_s'] / base.stats['tokens_per_s']:>8.2f}x "
             f"{same:>12}/{len(prompts):<8} {'' if acc is None else f'{acc:.2f}':>11}"
         )
-    print(f"(batch {len(prompts)}, {args.max_new_tokens} new tokens, gamma {args.gamma}, "
+    print(f"(batch {len(prompts)}, {args.max_new_tokens} new tokens, gamma {args.gamma}, draft {args.draft}, "
           f"weights {engine.weight_bytes / 2**20:.1f} MiB, one int4 copy for every mode)")
     return 0
 
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", help="a .jsonl file of {\"prompt\": ...} objects")
     g.add_argument("--mode", default="fp", choices=MODES)
     g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
+    g.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
+                   help="QSpec draft precision over the same int4 weights")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -209,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     d.set_defaults(quant="quarot-rtn")
     d.add_argument("--gamma", type=int, default=3)
+    d.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
+                   help="QSpec draft precision over the same int4 weights")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--num-prompts", type=int, default=4)
     d.set_defaults(func=cmd_demo)

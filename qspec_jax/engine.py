@@ -19,7 +19,14 @@ import numpy as np
 
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
-from qspec_jax.decoding.loop import FINISH_NAMES, MAX_GAMMA, MODES, DecodeConfig, generate
+from qspec_jax.decoding.loop import (
+    DRAFT_PRECISIONS,
+    FINISH_NAMES,
+    MAX_GAMMA,
+    MODES,
+    DecodeConfig,
+    generate,
+)
 from qspec_jax.decoding.sampling import SamplingConfig
 from qspec_jax.model.llama import forward
 from qspec_jax.model.params import Params, init_params, is_quantized, unstack_layers, weight_bytes
@@ -142,8 +149,13 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generation
-    def _decode_config(self, mode, max_new_tokens, temperature, top_k, top_p, gamma) -> DecodeConfig:
+    def _decode_config(self, mode, max_new_tokens, temperature, top_k, top_p, gamma,
+                       draft="w4a4") -> DecodeConfig:
         self.check_mode(mode)
+        if draft not in DRAFT_PRECISIONS:
+            raise UsageError(
+                f"unknown draft precision {draft!r}: choose one of {', '.join(DRAFT_PRECISIONS)}"
+            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if mode == "qspec" and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
@@ -158,6 +170,7 @@ class Engine:
             sampling=sc,
             eos_ids=tuple(self.config.eos_token_ids),
             gamma=gamma if mode == "qspec" else 0,
+            draft_precision=draft if mode == "qspec" else "w4a4",
         )
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):
@@ -201,6 +214,7 @@ class Engine:
         top_k: int = 0,
         top_p: float = 1.0,
         gamma: int = 3,
+        draft: str = "w4a4",
         adaptive_gamma: bool = False,
         spec_max_active: int = 0,
         ignore_eos: bool = False,
@@ -215,6 +229,7 @@ class Engine:
             seed: PRNG seed.
             chat: apply the tokenizer's chat template to string prompts.
             gamma: QSpec draft length (the maximum when adaptive_gamma).
+            draft: QSpec's draft precision over the same int4 weights, "w4a4" or "w4a8".
             adaptive_gamma: grow / shrink the draft length from the running acceptance.
             spec_max_active: run plain W4A16 steps while more than this many sequences are
                 active (0 = always speculate).
@@ -227,7 +242,7 @@ class Engine:
             prompts = [prompts]
         if not prompts:
             raise UsageError("no prompts given: pass at least one prompt")
-        dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma)
+        dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma, draft)
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
         if mode == "qspec":
@@ -280,6 +295,7 @@ class Engine:
             v = int(vsteps[:n].sum())
             stats.update(
                 gamma=dc.gamma,
+                draft=dc.draft_precision,
                 draft_tokens_proposed=prop,
                 draft_tokens_accepted=acc,
                 acceptance_rate=acc / prop if prop else float("nan"),

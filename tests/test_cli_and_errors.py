@@ -22,6 +22,7 @@ def _run(capsys, *argv):
     [
         ([], "give a command"),
         (["generate", "--mode", "turbo", "--prompt", "x"], "invalid choice: 'turbo'"),
+        (["generate", "--mode", "qspec", "--draft", "w4a16", "--prompt", "x"], "invalid choice: 'w4a16'"),
         (["generate", "--quant", "magic", "--prompt", "x"], "invalid choice: 'magic'"),
         (["generate", "--max-new-tokens", "many", "--prompt", "x"], "invalid int value"),
         (["generate"], "no prompts"),
@@ -81,6 +82,12 @@ def test_api_errors_are_one_sentence():
         qspec_jax.load("tiny", quant="magic")
     with pytest.raises(qspec_jax.UsageError, match="does not fit"):
         eng.generate([[5] * 600], mode="fp")
+
+
+def test_api_rejects_unknown_draft_precision():
+    eng = qspec_jax.load("tiny", quant="rtn", group_size=32, progress=False)
+    with pytest.raises(qspec_jax.UsageError, match="unknown draft precision 'fp'"):
+        eng.generate([[5, 6]], mode="qspec", draft="fp")
 
 
 def test_cli_string_prompt_on_tokenizerless_model(capsys):

@@ -119,3 +119,23 @@ def test_adaptive_gamma_and_speculation_switch_keep_exactness(tiny_cfg, tiny_q, 
         proposed = np.asarray(qs.draft_proposed)
         assert (proposed <= 4 * np.asarray(qs.verify_steps)).all()
         assert 1 <= int(qs.gamma_cur) <= 4
+
+
+def test_w4a8_draft_is_exact_and_accepted_more_than_w4a4(tiny_cfg, tiny_q):
+    """The draft precision is a choice (`draft_precision`): greedy output stays W4A16's, and the
+    int8-activation draft, a finer approximation of W4A16 than int4 activations, is accepted
+    more often (so the switch really changes the drafter)."""
+    toks, lens = _prompts([3, 16, 9, 12, 5, 7, 16, 1])
+    ar = _run(tiny_cfg, tiny_q, toks, lens, DecodeConfig(mode="w4a16", max_new_tokens=MAX_NEW))
+    acc = {}
+    for draft in ("w4a4", "w4a8"):
+        qs = _run(tiny_cfg, tiny_q, toks, lens,
+                  DecodeConfig(mode="qspec", max_new_tokens=MAX_NEW, gamma=3, draft_precision=draft))
+        assert _tokens(qs) == _tokens(ar)
+        acc[draft] = float(qs.draft_accepted.sum() / qs.draft_proposed.sum())
+    assert acc["w4a8"] > acc["w4a4"], acc
+
+
+def test_unknown_draft_precision_is_rejected():
+    with pytest.raises(ValueError, match="unknown draft precision 'w4a16'"):
+        DecodeConfig(mode="qspec", draft_precision="w4a16")

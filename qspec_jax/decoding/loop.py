@@ -41,6 +41,9 @@ from qspec_jax.model.params import Params
 
 MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec")
 MAX_GAMMA = 16
+# QSpec's drafter reads the same int4 weights with int4 or int8 activations (W4A8 runs on int8
+# units that every target has; Hopper has no int4 MMA).
+DRAFT_PRECISIONS = ("w4a4", "w4a8")
 
 # finish reasons
 RUNNING, STOP, LENGTH = 0, 1, 2
@@ -57,7 +60,8 @@ class DecodeConfig:
         sampling: greedy / temperature / top-k / top-p.
         eos_ids: token ids that end a sequence.
         gamma: QSpec draft length (tokens drafted per verify step).
-        draft_precision / verify_precision: QSpec's two precisions over the same weights.
+        draft_precision / verify_precision: QSpec's two precisions over the same weights; the
+            draft is "w4a4" (the paper's) or "w4a8".
         impl: kernel implementation override (see `pallas_kernels.dispatch`).
         adaptive_gamma: grow / shrink the draft length each step from the last step's acceptance,
             between 1 and `gamma` (the static maximum; verification always covers gamma + 1
@@ -85,6 +89,11 @@ class DecodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.mode == "qspec" and not 1 <= self.gamma <= MAX_GAMMA:
             raise ValueError(f"gamma must be in 1..{MAX_GAMMA}, got {self.gamma}")
+        if self.draft_precision not in DRAFT_PRECISIONS:
+            raise ValueError(
+                f"unknown draft precision {self.draft_precision!r}; expected one of "
+                f"{', '.join(DRAFT_PRECISIONS)}"
+            )
 
     @property
     def speculative(self) -> bool:
