@@ -180,7 +180,7 @@ def cmd_eval(args) -> int:
         engine = load(args.model, quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant),
                       group_size=args.group_size, mesh=_mesh(args))
         summary = run_eval(engine, args.task, args.modes, limit, args.max_new_tokens, args.gamma,
-                           args.out)
+                           args.out, draft=args.draft)
     except EvalUsageError as e:
         raise CliError(str(e)) from None
     print(markdown_table(summary))
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=8, help="first N items (0 = all)")
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--gamma", type=int, default=3)
+    e.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
+                   help="QSpec draft precision over the same int4 weights")
     e.add_argument("--out", default="experiments/results/eval.json", help="summary JSON (resumable)")
     e.set_defaults(func=cmd_eval)
     return p

@@ -411,10 +411,11 @@ _BATCH_STATS = ("tokens_generated", "wall_s", "draft_tokens_proposed", "draft_to
 
 
 def _run_generation_batch(engine, task, mode, batch, *, max_new_tokens, gamma, temperature, seed,
-                          humaneval_style, exec_timeout, exec_workers):
+                          humaneval_style, exec_timeout, exec_workers, draft="w4a4"):
+    extra = {"draft": draft} if mode == "qspec" and draft != "w4a4" else {}
     res = engine.generate(
         [it.prompt for it in batch], mode=mode, max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, chat=batch[0].chat, gamma=gamma,
+        temperature=temperature, seed=seed, chat=batch[0].chat, gamma=gamma, **extra,
     )
     recs = _generation_records(task, mode, batch, res, humaneval_style, exec_timeout, exec_workers)
     stats = {k: res.stats[k] for k in _BATCH_STATS if k in res.stats}
@@ -555,6 +556,7 @@ def run_eval(
     exec_timeout: float = 10.0,
     exec_workers: int = 2,
     seq_len: int = 256,
+    draft: str = "w4a4",
 ) -> dict:
     """Evaluates `engine` on `task` in each of `modes`; returns the summary written to `results_path`.
 
@@ -574,6 +576,7 @@ def run_eval(
         humaneval_style: "completion" (raw prompt, chat=False) or "chat".
         exec_timeout, exec_workers: HumanEval check time limit (s) and parallel subprocesses.
         seq_len: perplexity chunk length.
+        draft: QSpec's draft precision ("w4a4" or "w4a8"), recorded in the configuration.
 
     Raises:
         EvalUsageError (a ValueError): bad arguments (one sentence), or a partial file written
@@ -584,6 +587,8 @@ def run_eval(
         batch_size=batch_size, temperature=temperature, process_index=process_index,
         process_count=process_count, humaneval_style=humaneval_style, seq_len=seq_len,
     )
+    if draft not in ("w4a4", "w4a8"):
+        raise EvalUsageError(f"unknown draft precision {draft!r}: choose w4a4 or w4a8")
     all_items, data_hash = task_items(task, engine, humaneval_style=humaneval_style, seq_len=seq_len)
     selected = all_items[:limit] if limit is not None else all_items
     mine = shard_items(selected, process_index, process_count)
@@ -597,6 +602,8 @@ def run_eval(
         config["seq_len"] = seq_len
     else:
         config.update(max_new_tokens=max_new_tokens, gamma=gamma)
+        if "qspec" in mode_list and draft != "w4a4":  # absent = w4a4: older files still resume
+            config["draft"] = draft
     if task == "humaneval":
         config.update(humaneval_style=humaneval_style, exec_timeout=float(exec_timeout))
     config = json.loads(json.dumps(config))
@@ -624,7 +631,7 @@ def run_eval(
                     recs = _run_generation_batch(
                         engine, task, mode, batch, max_new_tokens=max_new_tokens, gamma=gamma,
                         temperature=temperature, seed=seed, humaneval_style=humaneval_style,
-                        exec_timeout=exec_timeout, exec_workers=exec_workers,
+                        exec_timeout=exec_timeout, exec_workers=exec_workers, draft=draft,
                     )
                 writer.append(recs)
                 bar.update(len(batch))
