@@ -100,7 +100,7 @@ def test_tiny_int4_exact(tiny_file):
     path, _ = tiny_file
     _, pf, _ = load_gguf(path)
     cfg, p4, quant = load_gguf(path, keep_int4=True)
-    assert quant == QuantConfig(method="gguf", group_size=32, symmetric=False)
+    assert quant == QuantConfig(method="gguf", group_size=32, symmetric=False, act_group_size=32)
     for name in ("wqkv", "wo", "w_gate_up", "w_down"):
         qw = getattr(p4.layers, name)
         assert isinstance(qw, QuantizedWeight) and qw.group_size == 32 and qw.mins is not None
