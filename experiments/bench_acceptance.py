@@ -13,7 +13,7 @@ are those of a batch-1 run.
     python experiments/bench_acceptance.py [--quants gguf,quarot-rtn] [--drafts w4a4,w4a8]
         [--gammas 1,2,3,4,5,6] [--new-tokens 96] [--group-size 64]
 
-Writes experiments/results/quality/acceptance.json (atomically) and acceptance.png.
+Writes experiments/results/quality/acceptance.json (atomically, after every row) and acceptance.png.
 """
 
 from __future__ import annotations
@@ -76,19 +76,25 @@ def main(argv=None) -> int:
                            same_as_w4a16=sum(a == b for a, b in zip(r.tokens, ref.tokens)),
                            tokens=s["tokens_generated"])
                 results.append(row)
+                _write(args.out, results, args.new_tokens)  # after every row: a stop keeps them
                 print(f"  {quant} draft {draft} γ={g}: acceptance {row['acceptance']:.3f}, "
                       f"{row['tokens_per_step']:.2f} tokens/step, same as W4A16 "
                       f"{row['same_as_w4a16']}/{len(ids)}", flush=True)
-    doc = dict(command=" ".join(["python"] + sys.argv), new_tokens=args.new_tokens,
-               prompts_file=os.path.relpath(PROMPTS_FILE, ROOT), results=results)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, args.out)
+    _write(args.out, results, args.new_tokens)
     _plot(results, args.out[:-5] + ".png")
     print(f"wrote {args.out}")
     return 0
+
+
+def _write(path, results, new_tokens):
+    """Writes the results so far atomically (temp file + rename)."""
+    doc = dict(command=" ".join(["python"] + sys.argv), new_tokens=new_tokens,
+               prompts_file=os.path.relpath(PROMPTS_FILE, ROOT), results=results)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _plot(results, path):
