@@ -2,7 +2,10 @@
 
 The engine owns the weights (one copy), the tokenizer and a cache of compiled generation
 functions keyed by static shapes (batch bucket, prompt bucket, cache capacity, decode config), so
-repeated calls with prompts in the same bucket never recompile.
+repeated calls with prompts in the same bucket never recompile. `max_new_tokens` is bucketed too
+(the output buffer and cache are sized for the next power of two, the limit itself is a traced
+argument), and JAX's persistent compilation cache (`qspec_jax.disk_cache`) keeps the compiled
+programs across processes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qspec_jax import disk_cache
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
 from qspec_jax.decoding.loop import FINISH_NAMES, MAX_GAMMA, MODES, DecodeConfig, generate
@@ -41,7 +45,8 @@ class GenerationResult:
         tokens: generated token ids per prompt (EOS included when it ended the sequence).
         finish_reasons: "stop" (EOS) or "length" (max_new_tokens or cache capacity) per prompt.
         stats: tokens generated, wall seconds (compile excluded), tokens per second, compile
-            seconds, and for QSpec the draft statistics.
+            seconds and where the program came from (see `Engine.generate`), and for QSpec the
+            draft statistics.
     """
 
     texts: list[str]
@@ -51,6 +56,9 @@ class GenerationResult:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MIN_NEW_TOKENS_BUCKET = 16
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -69,10 +77,22 @@ class Engine:
         qconfig: how the weights were quantized (method "none" for float weights).
         params: the weights (float, or packed int4 QuantizedWeights for the linears).
         tokenizer: a transformers tokenizer, or None for random-init presets.
+        compile_cache_dir: JAX's persistent compilation cache directory in use, or None.
     """
 
-    def __init__(self, config: LlamaConfig, params: Params, qconfig: QuantConfig, tokenizer=None,
-                 source: str = "", unroll_layers: bool | None = None, mesh=None):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        params: Params,
+        qconfig: QuantConfig,
+        tokenizer=None,
+        source: str = "",
+        unroll_layers: bool | None = None,
+        mesh=None,
+        compile_cache: bool = True,
+    ):
+        # Before anything compiles: a second process loads the same programs from disk.
+        self.compile_cache_dir = disk_cache.enable_compilation_cache() if compile_cache else None
         self.config = config
         if unroll_layers is None:  # per-layer arrays run ~2x faster on XLA:CPU (no slice copies)
             unroll_layers = jax.default_backend() == "cpu"
@@ -86,7 +106,7 @@ class Engine:
         self.qconfig = qconfig
         self.tokenizer = tokenizer
         self.source = source
-        self._compiled: dict[tuple, Any] = {}
+        self._compiled: dict[tuple, Any] = {}  # (shapes, capacity, DecodeConfig) -> executable
         self._logits_fns: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ properties
@@ -142,19 +162,24 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generation
-    def _decode_config(self, mode, max_new_tokens, temperature, top_k, top_p, gamma) -> DecodeConfig:
+    def _decode_config(
+        self, mode, max_new_tokens, temperature, top_k, top_p, gamma
+    ) -> DecodeConfig:
         self.check_mode(mode)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if mode == "qspec" and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
             raise UsageError(f"gamma must be an integer in 1..{MAX_GAMMA}, got {gamma!r}")
         try:
-            sc = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+            sc = SamplingConfig(
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
+            )
         except ValueError as e:
             raise UsageError(str(e)) from None
         return DecodeConfig(
             mode=mode,
-            max_new_tokens=max_new_tokens,
+            # the static buffer bound; the real limit is passed to the program as an array
+            max_new_tokens=_bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET),
             sampling=sc,
             eos_ids=tuple(self.config.eos_token_ids),
             gamma=gamma if mode == "qspec" else 0,
@@ -178,16 +203,32 @@ class Engine:
             batch = -(-batch // d) * d
         return batch, t_bucket, capacity
 
-    def compiled_generate(self, cache: KVCache, toks, lens, key, dc: DecodeConfig):
-        """The AOT-compiled generation function for these arguments' shapes and shardings (cached)."""
+    @property
+    def num_compiled(self) -> int:
+        """How many generation programs this engine has compiled (or loaded from disk)."""
+        return len(self._compiled)
+
+    def compiled_generate(self, cache: KVCache, toks, lens, key, limit, dc: DecodeConfig):
+        """The AOT-compiled generation function for these arguments' shapes and shardings.
+
+        Returns:
+            (executable, compile_s, source): compile_s is the wall time of tracing, lowering
+            and compiling in this call (0.0 when this engine already held the program);
+            source is "memory" (held by this engine), "disk" (JAX's persistent cache supplied
+            the executable; compile_s is then tracing + lowering + reading it) or "compiled"
+            (XLA compiled it now).
+        """
         ckey = (toks.shape, cache.capacity, dc)
-        if ckey not in self._compiled:
-            t0 = time.perf_counter()
-            fn = generate.lower(
-                self.params, cache, toks, lens, key, cfg=self.config, qcfg=self.qconfig, dc=dc
-            ).compile()
-            self._compiled[ckey] = (fn, time.perf_counter() - t0)
-        return self._compiled[ckey]
+        if ckey in self._compiled:
+            return self._compiled[ckey], 0.0, "memory"
+        hits = disk_cache.persistent_cache_hits()
+        t0 = time.perf_counter()
+        fn = generate.lower(
+            self.params, cache, toks, lens, key, limit, cfg=self.config, qcfg=self.qconfig, dc=dc
+        ).compile()
+        compile_s = time.perf_counter() - t0
+        self._compiled[ckey] = fn
+        return fn, compile_s, "disk" if disk_cache.persistent_cache_hits() > hits else "compiled"
 
     def generate(
         self,
@@ -221,7 +262,10 @@ class Engine:
             ignore_eos: generate exactly max_new_tokens (for benchmarks).
 
         Returns:
-            A GenerationResult.
+            A GenerationResult. stats["compile_s"] is the wall time this call spent tracing,
+            lowering and compiling its program (0.0 when the engine already held it);
+            stats["compile_source"] says where the program came from: "memory", "disk"
+            (JAX's persistent compilation cache) or "compiled".
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -231,8 +275,9 @@ class Engine:
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
         if mode == "qspec":
-            dc = dataclasses.replace(dc, adaptive_gamma=bool(adaptive_gamma),
-                                     spec_max_active=int(spec_max_active))
+            dc = dataclasses.replace(
+                dc, adaptive_gamma=bool(adaptive_gamma), spec_max_active=int(spec_max_active)
+            )
         token_lists = self.encode(prompts, chat=chat)
         batch, t_bucket, capacity = self._plan(token_lists, dc)
 
@@ -250,14 +295,23 @@ class Engine:
             cache = shard_cache(cache, self.mesh)
             toks, lens = shard_batch(toks, self.mesh), shard_batch(lens, self.mesh)
         key = jax.random.PRNGKey(seed)
-        fn, compile_s = self.compiled_generate(cache, toks, lens, key, dc)
+        limit = jnp.asarray(max_new_tokens, jnp.int32)  # traced: no recompile within a bucket
+        fn, compile_s, source = self.compiled_generate(cache, toks, lens, key, limit, dc)
         jax.block_until_ready((cache, toks, lens))
 
         t0 = time.perf_counter()
-        state = fn(self.params, cache, toks, lens, key)
+        state = fn(self.params, cache, toks, lens, key, limit)
         out = jax.device_get(
-            (state.out_tokens, state.num_generated, state.finish, state.steps,
-             state.draft_proposed, state.draft_accepted, state.verify_steps, state.spec_steps)
+            (
+                state.out_tokens,
+                state.num_generated,
+                state.finish,
+                state.steps,
+                state.draft_proposed,
+                state.draft_accepted,
+                state.verify_steps,
+                state.spec_steps,
+            )
         )
         wall = time.perf_counter() - t0
         out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps = out
@@ -272,6 +326,8 @@ class Engine:
             "wall_s": wall,
             "tokens_per_s": total / wall if wall > 0 else float("nan"),
             "compile_s": compile_s,
+            "compile_source": source,
+            "max_new_tokens_bucket": dc.max_new_tokens,
             "prompt_tokens": int(sum(len(t) for t in token_lists)),
             "steps": int(steps),
         }
@@ -328,6 +384,7 @@ def load(
     seed: int = 0,
     progress: bool = True,
     mesh=None,
+    compile_cache: bool = True,
     **quant_options,
 ) -> Engine:
     """Loads a model and returns an Engine.
@@ -345,18 +402,26 @@ def load(
         progress: show progress bars while quantizing.
         mesh: optional `jax.sharding.Mesh` from `qspec_jax.sharding.make_mesh`: batches split
             over its "data" axis, weights tensor-parallel over its "model" axis.
+        compile_cache: turn on JAX's persistent compilation cache under the user's cache home
+            (see `qspec_jax.disk_cache`; ``QSPEC_JAX_COMPILE_CACHE=0`` also turns it off).
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
     quant = quant or "none"
+    if compile_cache:  # before quantizing: its jitted kernels are cached too
+        disk_cache.enable_compilation_cache()
     if quant not in QUANT_METHODS:
-        raise UsageError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_METHODS)}")
+        raise UsageError(
+            f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_METHODS)}"
+        )
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
     from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
 
     tokenizer = None
     if model in PRESETS and model != EMBEDDED_MODEL:
         if quant == "gguf":
-            raise UsageError(f"quant 'gguf' needs a GGUF file, but {model!r} is a random-init preset")
+            raise UsageError(
+                f"quant 'gguf' needs a GGUF file, but {model!r} is a random-init preset"
+            )
         cfg = PRESETS[model].replace(dtype=dtype)
         params = init_params(cfg, jax.random.PRNGKey(seed))
         qcfg = QuantConfig()
@@ -367,7 +432,9 @@ def load(
             raise UsageError(f"{model} is already quantized; do not pass quant={quant!r}")
         cfg, params, qcfg, tok_source = load_quantized(model)
         tokenizer = _maybe_tokenizer(tok_source) if tok_source else None
-        return Engine(cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh)
+        return Engine(
+            cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
+        )
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
         try:
@@ -380,10 +447,18 @@ def load(
         # GPTQ calibrates on the project's own text, tokenized by the model's tokenizer.
         calib = quant_options.pop("calib_tokens", tokenizer)
         params, qcfg = quantize_model(
-            params, cfg, quant, group_size, calib_tokens=calib, seed=seed, progress=progress,
+            params,
+            cfg,
+            quant,
+            group_size,
+            calib_tokens=calib,
+            seed=seed,
+            progress=progress,
             **quant_options,
         )
-    return Engine(cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh)
+    return Engine(
+        cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
+    )
 
 
 def _is_qspec_checkpoint(path: str) -> bool:
@@ -411,7 +486,11 @@ def quantize_to_checkpoint(
     if method not in QUANT_METHODS or method == "none":
         raise UsageError(f"unknown method {method!r}: choose one of {', '.join(QUANT_METHODS[1:])}")
     if os.path.exists(out) and not (overwrite and _is_qspec_checkpoint(out)):
-        what = "a checkpoint (pass --overwrite to replace it)" if _is_qspec_checkpoint(out) else "not a checkpoint"
+        what = (
+            "a checkpoint (pass --overwrite to replace it)"
+            if _is_qspec_checkpoint(out)
+            else "not a checkpoint"
+        )
         raise UsageError(f"{out} already exists and is {what}: choose another --out")
     from qspec_jax.checkpoint import save_quantized  # noqa: PLC0415
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
@@ -423,12 +502,26 @@ def quantize_to_checkpoint(
     if method != "gguf":
         from qspec_jax.quant import quantize_model  # noqa: PLC0415
 
-        params, qcfg = quantize_model(params, cfg, method, group_size, calib_tokens=tokenizer,
-                                      seed=seed, progress=progress, **quant_options)
-    settings = dict(method=method, group_size=group_size, seed=seed, source=str(model), **{
-        k: v for k, v in quant_options.items() if isinstance(v, (int, float, str, bool))})
-    return save_quantized(out, cfg, params, qcfg, str(model), extra_meta=dict(quantizer=settings),
-                          overwrite=overwrite)
+        params, qcfg = quantize_model(
+            params,
+            cfg,
+            method,
+            group_size,
+            calib_tokens=tokenizer,
+            seed=seed,
+            progress=progress,
+            **quant_options,
+        )
+    settings = dict(
+        method=method,
+        group_size=group_size,
+        seed=seed,
+        source=str(model),
+        **{k: v for k, v in quant_options.items() if isinstance(v, (int, float, str, bool))},
+    )
+    return save_quantized(
+        out, cfg, params, qcfg, str(model), extra_meta=dict(quantizer=settings), overwrite=overwrite
+    )
 
 
 def _maybe_tokenizer(source: str):
