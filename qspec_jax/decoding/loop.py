@@ -184,8 +184,14 @@ def prefill(
     cache = set_lengths(cache, jnp.zeros((b,), jnp.int32))
     with jax.named_scope("prefill"):
         logits, cache = forward(
-            params, prompt_tokens, cache, cfg, qcfg, dc.main_precision,
-            logits_index=prompt_lens - 1, impl=dc.impl,
+            params,
+            prompt_tokens,
+            cache,
+            cfg,
+            qcfg,
+            dc.main_precision,
+            logits_index=prompt_lens - 1,
+            impl=dc.impl,
         )  # [batch, V]
     key, sub = jax.random.split(key)
     first = sample(logits, sub, dc.sampling)  # [batch]
@@ -266,8 +272,14 @@ def ar_step(
     b = state.last_token.shape[0]
     with jax.named_scope("ar_step"):
         logits, cache = forward(
-            params, state.last_token[:, None], state.cache, cfg, qcfg, precision or dc.main_precision,
-            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
+            params,
+            state.last_token[:, None],
+            state.cache,
+            cfg,
+            qcfg,
+            precision or dc.main_precision,
+            logits_index=jnp.zeros((b,), jnp.int32),
+            impl=dc.impl,
         )  # [batch, V]
         key, sub = jax.random.split(state.key)
         nxt = sample(logits, sub, dc.sampling)  # [batch]
@@ -292,8 +304,14 @@ def _draft(state: DecodeState, params, cfg, qcfg, dc: DecodeConfig):
         tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
         cache = cache.replace(lengths=base + i)
         logits, cache = forward(
-            params, tok, cache, cfg, qcfg, dc.draft_precision,
-            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
+            params,
+            tok,
+            cache,
+            cfg,
+            qcfg,
+            dc.draft_precision,
+            logits_index=jnp.zeros((b,), jnp.int32),
+            impl=dc.impl,
         )  # [batch, V]
         key, sub = jax.random.split(key)
         if sc.greedy:
@@ -410,7 +428,9 @@ def qspec_step(
         # half accepted on average: one fewer.
         all_in = jnp.all(jnp.where(active, n == gamma_cur, True))
         rate = jnp.sum(n * act) / jnp.maximum(jnp.sum(act) * gamma_cur, 1)
-        gamma_cur = jnp.where(all_in, gamma_cur + 1, jnp.where(rate < 0.5, gamma_cur - 1, gamma_cur))
+        gamma_cur = jnp.where(
+            all_in, gamma_cur + 1, jnp.where(rate < 0.5, gamma_cur - 1, gamma_cur)
+        )
         gamma_cur = jnp.clip(gamma_cur, 1, dc.gamma).astype(jnp.int32)
     state = state.replace(
         key=key,
@@ -478,11 +498,21 @@ _prefill_jit = jax.jit(prefill, static_argnames=("cfg", "qcfg", "dc"))
 _step_jit = jax.jit(step, static_argnames=("cfg", "qcfg", "dc"))
 
 
-def generate_python(params, cache, prompt_tokens, prompt_lens, key, max_new_tokens=None, *, cfg,
-                    qcfg, dc):
+def generate_python(
+    params, cache, prompt_tokens, prompt_lens, key, max_new_tokens=None, *, cfg, qcfg, dc
+):
     """The same generation as `generate`, stepping from Python (for debugging and tracing)."""
-    state = _prefill_jit(params, cache, prompt_tokens, prompt_lens, key, cfg=cfg, qcfg=qcfg, dc=dc,
-                         max_new_tokens=max_new_tokens)
+    state = _prefill_jit(
+        params,
+        cache,
+        prompt_tokens,
+        prompt_lens,
+        key,
+        cfg=cfg,
+        qcfg=qcfg,
+        dc=dc,
+        max_new_tokens=max_new_tokens,
+    )
     while bool(cond(state)):
         state = _step_jit(state, params, cfg=cfg, qcfg=qcfg, dc=dc)
     return state
