@@ -11,8 +11,10 @@ programs across processes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +80,9 @@ class Engine:
         params: the weights (float, or packed int4 QuantizedWeights for the linears).
         tokenizer: a transformers tokenizer, or None for random-init presets.
         compile_cache_dir: JAX's persistent compilation cache directory in use, or None.
+        load_info: how `load` produced the weights: quant_cache ("off", "hit", "written" after
+            quantizing, "invalid" when a cached checkpoint failed validation and was
+            replaced, "miss" when writing failed), quant_cache_path, load_s, quantize_s.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Engine:
         self.qconfig = qconfig
         self.tokenizer = tokenizer
         self.source = source
+        self.load_info: dict[str, Any] = {}
         self._compiled: dict[tuple, Any] = {}  # (shapes, capacity, DecodeConfig) -> executable
         self._logits_fns: dict[tuple, Any] = {}
 
@@ -385,6 +391,7 @@ def load(
     progress: bool = True,
     mesh=None,
     compile_cache: bool = True,
+    quant_cache: bool = True,
     **quant_options,
 ) -> Engine:
     """Loads a model and returns an Engine.
@@ -404,6 +411,12 @@ def load(
             over its "data" axis, weights tensor-parallel over its "model" axis.
         compile_cache: turn on JAX's persistent compilation cache under the user's cache home
             (see `qspec_jax.disk_cache`; ``QSPEC_JAX_COMPILE_CACHE=0`` also turns it off).
+        quant_cache: quantize once: reuse the orbax checkpoint the first quantization of the
+            same model file (path, size, mtime), method, group size, seed, dtype, options and
+            quantizer source code wrote under the user's cache home, and write one after
+            quantizing (``QSPEC_JAX_QUANT_CACHE=0`` also turns it off). A cached checkpoint
+            that fails validation is quantized again and replaced, never used.
+            `Engine.load_info` says what happened.
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
     quant = quant or "none"
@@ -415,6 +428,29 @@ def load(
         )
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
     from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
+
+    t_load = time.perf_counter()
+    entry = None
+    if quant not in ("none", "gguf") and quant_cache and disk_cache.quant_cache_enabled():
+        entry = _quant_cache_entry(model, quant, group_size, dtype, seed, quant_options)
+    info: dict[str, Any] = {"quant_cache": "off" if entry is None else "miss"}
+    if entry is not None:
+        info["quant_cache_path"] = entry[0]
+        hit = _read_quant_cache(entry, info)
+        if hit is not None:
+            cfg, params, qcfg, tok_source = hit
+            tokenizer = _maybe_tokenizer(tok_source, quant_cache) if tok_source else None
+            eng = Engine(
+                cfg,
+                params,
+                qcfg,
+                tokenizer,
+                source=str(model),
+                mesh=mesh,
+                compile_cache=compile_cache,
+            )
+            eng.load_info = dict(info, load_s=time.perf_counter() - t_load)
+            return eng
 
     tokenizer = None
     if model in PRESETS and model != EMBEDDED_MODEL:
@@ -431,14 +467,14 @@ def load(
         if quant not in ("none",):
             raise UsageError(f"{model} is already quantized; do not pass quant={quant!r}")
         cfg, params, qcfg, tok_source = load_quantized(model)
-        tokenizer = _maybe_tokenizer(tok_source) if tok_source else None
+        tokenizer = _maybe_tokenizer(tok_source, quant_cache) if tok_source else None
         return Engine(
             cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
         )
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
         try:
-            tokenizer = _maybe_tokenizer(model)
+            tokenizer = _maybe_tokenizer(model, quant_cache)
         except LoadError:
             raise
     if quant not in ("none", "gguf"):
@@ -446,6 +482,7 @@ def load(
 
         # GPTQ calibrates on the project's own text, tokenized by the model's tokenizer.
         calib = quant_options.pop("calib_tokens", tokenizer)
+        t_q = time.perf_counter()
         params, qcfg = quantize_model(
             params,
             cfg,
@@ -456,9 +493,94 @@ def load(
             progress=progress,
             **quant_options,
         )
-    return Engine(
+        info["quantize_s"] = time.perf_counter() - t_q
+        if entry is not None:
+            tok_source = None if model in PRESETS and model != EMBEDDED_MODEL else str(model)
+            _write_quant_cache(entry, cfg, params, qcfg, tok_source, info)
+    eng = Engine(
         cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
     )
+    eng.load_info = dict(info, load_s=time.perf_counter() - t_load)
+    return eng
+
+
+def _quant_cache_entry(model, method, group_size, dtype, seed, quant_options):
+    """(path, description) of the cached quantized checkpoint for a load, or None.
+
+    None when the weights cannot be identified cheaply (not a file, directory or preset) or an
+    option is not plain data (e.g. a tokenizer object as calib_tokens).
+    """
+    options = dict(quant_options)
+    calib = options.pop("calib_tokens", None)
+    if calib is not None:  # explicit calibration ids: their bytes are part of the key
+        try:
+            ids = np.asarray(calib)
+        except ValueError:  # ragged lists
+            return None
+        if ids.dtype.kind not in "iu":
+            return None
+        options["calib_tokens_sha256"] = disk_cache.array_digest(ids)
+    try:
+        json.dumps(options)
+    except (TypeError, ValueError):
+        return None
+    if model in PRESETS and model != EMBEDDED_MODEL:
+        cfg = PRESETS[model].replace(dtype=dtype)
+        identity = {"preset": model, "config": dataclasses.asdict(cfg), "init_seed": seed}
+    else:
+        identity = disk_cache.model_identity(str(model))
+        if identity is None:
+            return None
+    settings = dict(method=method, group_size=group_size, seed=seed, dtype=dtype, options=options)
+    key, desc = disk_cache.quant_cache_key(identity, settings)
+    return disk_cache.quant_cache_path(key), desc
+
+
+def _read_quant_cache(entry, info: dict):
+    """The cached (cfg, params, qcfg, tokenizer_source), or None (missing, stale or corrupt).
+
+    A checkpoint that fails `load_quantized`'s validation (format, shapes, sha256 of every
+    array) or records another description is moved aside and deleted; the caller quantizes
+    again and writes a fresh one.
+    """
+    from qspec_jax.checkpoint import is_checkpoint, load_quantized, read_metadata  # noqa: PLC0415
+    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
+
+    path, desc = entry
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not is_checkpoint(path):
+            raise LoadError(f"{path}: holds no checkpoint metadata")
+        recorded = read_metadata(path).get("extra", {}).get("quant_cache")
+        if disk_cache.canonical(recorded) != disk_cache.canonical(desc):
+            raise LoadError(f"{path}: records other quantization settings")
+        out = load_quantized(path)
+    except LoadError as e:
+        warnings.warn(f"cached quantized weights unusable ({e}); quantizing again", stacklevel=3)
+        info["quant_cache"] = "invalid"
+        info["quant_cache_error"] = str(e)
+        disk_cache.discard(path)
+        return None
+    info["quant_cache"] = "hit"
+    return out
+
+
+def _write_quant_cache(entry, cfg, params, qcfg, tok_source, info: dict) -> None:
+    """Saves freshly quantized weights to the cache (atomically); a failure only warns."""
+    from qspec_jax.checkpoint import save_quantized  # noqa: PLC0415
+
+    path, desc = entry
+    t0 = time.perf_counter()
+    try:
+        save_quantized(path, cfg, params, qcfg, tok_source, extra_meta={"quant_cache": desc})
+    except (OSError, ValueError, TypeError) as e:  # FileExistsError: another process won
+        warnings.warn(f"could not cache the quantized weights at {path}: {e}", stacklevel=3)
+        info["quant_cache_write_error"] = str(e)
+        return
+    if info["quant_cache"] == "miss":
+        info["quant_cache"] = "written"
+    info["quant_cache_write_s"] = time.perf_counter() - t0
 
 
 def _is_qspec_checkpoint(path: str) -> bool:
@@ -524,7 +646,15 @@ def quantize_to_checkpoint(
     )
 
 
-def _maybe_tokenizer(source: str):
+def _maybe_tokenizer(source: str, use_cache: bool = True):
+    """The model's tokenizer; a GGUF's is converted once and then read from the cache.
+
+    transformers builds a GGUF file's tokenizer by converting its vocabulary, about 18 s for
+    SmolLM2 on a 2-core machine; the converted tokenizer is saved under the cache root
+    (`qspec_jax.disk_cache.load_cached_tokenizer`) and read back in well under a second.
+    """
     from qspec_jax.loading.tokenizer import load_tokenizer  # noqa: PLC0415
 
-    return load_tokenizer(source)
+    if not (use_cache and disk_cache.quant_cache_enabled()):
+        return load_tokenizer(source)
+    return disk_cache.load_cached_tokenizer(source, load_tokenizer)
