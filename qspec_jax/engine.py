@@ -439,7 +439,7 @@ def load(
         hit = _read_quant_cache(entry, info)
         if hit is not None:
             cfg, params, qcfg, tok_source = hit
-            tokenizer = _maybe_tokenizer(tok_source, quant_cache) if tok_source else None
+            tokenizer = _tokenizer(tok_source, quant_cache) if tok_source else None
             eng = Engine(
                 cfg,
                 params,
@@ -467,14 +467,14 @@ def load(
         if quant not in ("none",):
             raise UsageError(f"{model} is already quantized; do not pass quant={quant!r}")
         cfg, params, qcfg, tok_source = load_quantized(model)
-        tokenizer = _maybe_tokenizer(tok_source, quant_cache) if tok_source else None
+        tokenizer = _tokenizer(tok_source, quant_cache) if tok_source else None
         return Engine(
             cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
         )
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
         try:
-            tokenizer = _maybe_tokenizer(model, quant_cache)
+            tokenizer = _tokenizer(model, quant_cache)
         except LoadError:
             raise
     if quant not in ("none", "gguf"):
@@ -646,15 +646,25 @@ def quantize_to_checkpoint(
     )
 
 
-def _maybe_tokenizer(source: str, use_cache: bool = True):
+def _tokenizer(source: str, use_cache: bool):
+    """The model's tokenizer, through the cache unless `use_cache` is False."""
+    if use_cache:
+        return _maybe_tokenizer(source)
+    from qspec_jax.loading.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    return load_tokenizer(source)
+
+
+def _maybe_tokenizer(source: str):
     """The model's tokenizer; a GGUF's is converted once and then read from the cache.
 
-    transformers builds a GGUF file's tokenizer by converting its vocabulary, about 18 s for
+    transformers builds a GGUF file's tokenizer by converting its vocabulary, about 16-18 s for
     SmolLM2 on a 2-core machine; the converted tokenizer is saved under the cache root
     (`qspec_jax.disk_cache.load_cached_tokenizer`) and read back in well under a second.
+    ``QSPEC_JAX_QUANT_CACHE=0`` turns this off.
     """
     from qspec_jax.loading.tokenizer import load_tokenizer  # noqa: PLC0415
 
-    if not (use_cache and disk_cache.quant_cache_enabled()):
+    if not disk_cache.quant_cache_enabled():
         return load_tokenizer(source)
     return disk_cache.load_cached_tokenizer(source, load_tokenizer)
