@@ -104,7 +104,7 @@ def _looped(part, n_iter):
     return jax.jit(run)
 
 
-def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8):
+def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8, alone=True):
     """All timings of one batch size (ms per step); returns a list of row dicts."""
     import jax
     import jax.numpy as jnp
@@ -190,6 +190,8 @@ def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8):
         carry = (jnp.ones((batch, t), jnp.int32), c.k, c.v)
         sec = _median(fn, (eng.params, carry), reps, lambda a, o: (a[0], o)) / n_iter
         add(kind, "forward + argmax in a loop", sec)
+        if not alone:
+            continue
         # the same forward jitted alone: XLA cannot hoist the int4 unpacking out of a loop
         fn1 = jax.jit(
             lambda p, toks, ck, cv, e=eng, pr=precision: (
@@ -430,33 +432,42 @@ def main() -> int:
     q = qspec_jax.load(args.model, quant=args.quant, group_size=args.group_size, progress=False)
     t0 = time.time()
     rows = []
-    for b in batches:
+    for i, b in enumerate(batches):
         rows += profile_batch(
-            fp, q, b, args.gamma, args.context, args.capacity, args.reps, args.iters
+            fp,
+            q,
+            b,
+            args.gamma,
+            args.context,
+            args.capacity,
+            args.reps,
+            args.iters,
+            alone=(i == 0),
         )
-    table = summarize(rows, args.gamma)
+        table = summarize(rows, args.gamma)
+        result = dict(
+            command="python " + " ".join(sys.argv),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            machine=dict(
+                platform=platform.platform(),
+                processor=platform.processor(),
+                cpus=os.cpu_count(),
+                python=platform.python_version(),
+                jax=jax.__version__,
+                load_average=os.getloadavg(),
+            ),
+            settings=vars(args),
+            seconds=time.time() - t0,
+            complete=(i == len(batches) - 1),
+            rows=rows,
+            table=table,
+        )
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:  # after every batch size: a long run keeps what it measured
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
     print_table(table)
-    result = dict(
-        command="python " + " ".join(sys.argv),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        machine=dict(
-            platform=platform.platform(),
-            processor=platform.processor(),
-            cpus=os.cpu_count(),
-            python=platform.python_version(),
-            jax=jax.__version__,
-            load_average=os.getloadavg(),
-        ),
-        settings=vars(args),
-        seconds=time.time() - t0,
-        rows=rows,
-        table=table,
-    )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
     return 0
 
