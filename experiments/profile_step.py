@@ -43,6 +43,8 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# this checkout's qspec_jax, not whatever copy is installed in the environment
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PARTS = (
     "qkv matmul",
@@ -391,6 +393,48 @@ def print_table(table):
             print(f"| {n} | " + " | ".join(cells) + " |")
 
 
+def hoist_check(eng, context, max_new=41):
+    """Where the int4 unpacking runs in the engine's compiled W4A16 generate program.
+
+    Returns {computation: number of fusions that shift packed uint8 codes}, "ENTRY" meaning
+    before the while_loop (hoisted: float copies written once per call), plus one example line.
+    """
+    import dataclasses
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from qspec_jax.cache import KVCache
+
+    dc = dataclasses.replace(eng._decode_config("w4a16", max_new, 0.0, 0, 1.0, 3), eos_ids=())
+    toks = jnp.zeros((1, context), jnp.int32)
+    lens = jnp.full((1,), context, jnp.int32)
+    cap = eng._plan([[0] * context], dc)[2]
+    fn, _, _ = eng.compiled_generate(
+        KVCache.init(eng.config, 1, cap), toks, lens, jax.random.PRNGKey(0), jnp.int32(max_new), dc
+    )
+    comps, owner, cur = {}, {}, None
+    for line in fn.as_text().split("\n"):
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            cur = "ENTRY" if line.startswith("ENTRY") else line.split(" ")[0]
+            comps[cur] = []
+            continue
+        if cur is not None:
+            comps[cur].append(line)
+        for m in re.finditer(r"calls=(%[\w.\-]+)", line):
+            owner.setdefault(m.group(1), set()).add(cur)
+    unpack = [c for c, ls in comps.items() if any("shift-right" in x and "u8[" in x for x in ls)]
+    where: dict[str, int] = {}
+    for c in unpack:
+        for o in owner.get(c, {"?"}):
+            where[o] = where.get(o, 0) + 1
+    example = next(
+        (x.strip()[:120] for x in comps.get("ENTRY", []) if "fusion(" in x and "packed" in x), ""
+    )
+    return dict(unpack_fusions_called_from=where, example=example)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8")
@@ -408,6 +452,11 @@ def main() -> int:
     ap.add_argument("--quant", default="quarot-rtn")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", default="experiments/results/profile_step.json")
+    ap.add_argument(
+        "--hoist-check",
+        action="store_true",
+        help="only report where the W4A16 generate program unpacks the int4 weights",
+    )
     args = ap.parse_args()
     try:
         batches = [int(x) for x in args.batches.split(",")]
@@ -428,8 +477,11 @@ def main() -> int:
 
     import qspec_jax
 
-    fp = qspec_jax.load(args.model, progress=False)
     q = qspec_jax.load(args.model, quant=args.quant, group_size=args.group_size, progress=False)
+    if args.hoist_check:
+        print(json.dumps(hoist_check(q, args.context)))
+        return 0
+    fp = qspec_jax.load(args.model, progress=False)
     t0 = time.time()
     rows = []
     for i, b in enumerate(batches):
