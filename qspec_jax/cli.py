@@ -43,16 +43,41 @@ class CliError(Exception):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from qspec_jax.engine import QUANT_METHODS  # noqa: PLC0415
 
-    p.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m (embedded), a preset, a .gguf file, an HF dir or a checkpoint")
-    p.add_argument("--quant", default=None, choices=QUANT_METHODS,
-                   help="weight quantization applied at load (default: none, or the mode's need)")
-    p.add_argument("--group-size", type=int, default=64,
-                   help="weight group size for the quantizer (0 = per channel)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="shard over this many devices (data parallel; default: no mesh)")
-    p.add_argument("--model-parallel", type=int, default=1,
-                   help="of --devices, how many form the tensor-parallel axis")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m (embedded), a preset, a .gguf file, an HF dir or a checkpoint",
+    )
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=QUANT_METHODS,
+        help="weight quantization applied at load (default: none, or the mode's need)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="weight group size for the quantizer (0 = per channel)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="shard over this many devices (data parallel; default: no mesh)",
+    )
+    p.add_argument(
+        "--model-parallel",
+        type=int,
+        default=1,
+        help="of --devices, how many form the tensor-parallel axis",
+    )
+    p.add_argument(
+        "--no-quant-cache",
+        action="store_true",
+        help="quantize (and convert the tokenizer) anew instead of reusing the copy "
+        "cached under ~/.cache/qspec-jax (also QSPEC_JAX_QUANT_CACHE=0)",
+    )
 
 
 def _mesh(args):
@@ -79,7 +104,9 @@ def _read_prompts_file(path: str) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CliError(f"{path} line {n} is not valid JSON ({e.msg}): one object per line") from None
+                raise CliError(
+                    f"{path} line {n} is not valid JSON ({e.msg}): one object per line"
+                ) from None
             if isinstance(obj, str):
                 prompts.append(obj)
             elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
@@ -107,12 +134,25 @@ def cmd_generate(args) -> int:
         raise CliError("no prompts: give --prompt TEXT or --prompts-file F.jsonl")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    engine = load(args.model, quant=_default_quant(args.mode, args.quant), group_size=args.group_size,
-                  progress=not args.json, mesh=_mesh(args))
+    engine = load(
+        args.model,
+        quant=_default_quant(args.mode, args.quant),
+        group_size=args.group_size,
+        progress=not args.json,
+        mesh=_mesh(args),
+        quant_cache=not args.no_quant_cache,
+    )
     engine.check_mode(args.mode)
     res = engine.generate(
-        prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat, gamma=args.gamma,
+        prompts,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=not args.no_chat,
+        gamma=args.gamma,
         draft=args.draft,
     )
     if args.json:
@@ -133,8 +173,24 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from qspec_jax.engine import load  # noqa: PLC0415
 
-    print(f"Loading {args.model} and quantizing with {args.quant} (group {args.group_size}) ...")
-    engine = load(args.model, quant=args.quant, group_size=args.group_size, mesh=_mesh(args))
+    print(f"Loading {args.model} quantized with {args.quant} (group {args.group_size}) ...")
+    engine = load(
+        args.model,
+        quant=args.quant,
+        group_size=args.group_size,
+        mesh=_mesh(args),
+        quant_cache=not args.no_quant_cache,
+    )
+    info = engine.load_info
+    how = {
+        "hit": "reused the cached quantized weights",
+        "written": "quantized and cached",
+        "invalid": "cached copy failed validation: quantized again and re-cached",
+    }
+    print(
+        f"... {how.get(info.get('quant_cache'), 'quantized')} in {info.get('load_s', 0):.1f}s"
+        + (f" ({info['quant_cache_path']})" if "quant_cache_path" in info else "")
+    )
     prompts = DEMO_PROMPTS[: args.num_prompts]
     kw = dict(max_new_tokens=args.max_new_tokens, chat=True)
     rows = []
@@ -147,7 +203,9 @@ def cmd_demo(args) -> int:
         print(f"\n=== prompt {i}: {p}")
         for mode, res in rows:
             print(f"--- {mode}: {res.texts[i]!r}")
-    print(f"\n{'mode':<8} {'tokens/s':>9} {'vs w4a16':>9} {'same tokens as w4a16':>21} {'acceptance':>11}")
+    print(
+        f"\n{'mode':<8} {'tokens/s':>9} {'vs w4a16':>9} {'same tokens as w4a16':>21} {'acceptance':>11}"
+    )
     for mode, res in rows:
         same = sum(a == b for a, b in zip(res.tokens, base.tokens))
         acc = res.stats.get("acceptance_rate")
@@ -156,16 +214,24 @@ def cmd_demo(args) -> int:
             f"{res.stats['tokens_per_s'] / base.stats['tokens_per_s']:>8.2f}x "
             f"{same:>12}/{len(prompts):<8} {'' if acc is None else f'{acc:.2f}':>11}"
         )
-    print(f"(batch {len(prompts)}, {args.max_new_tokens} new tokens, gamma {args.gamma}, draft {args.draft}, "
-          f"weights {engine.weight_bytes / 2**20:.1f} MiB, one int4 copy for every mode)")
+    print(
+        f"(batch {len(prompts)}, {args.max_new_tokens} new tokens, gamma {args.gamma}, draft {args.draft}, "
+        f"weights {engine.weight_bytes / 2**20:.1f} MiB, one int4 copy for every mode)"
+    )
     return 0
 
 
 def cmd_quantize(args) -> int:
     from qspec_jax.engine import quantize_to_checkpoint  # noqa: PLC0415
 
-    path = quantize_to_checkpoint(args.model, args.method, args.out, group_size=args.group_size,
-                                  overwrite=args.overwrite, seed=args.seed)
+    path = quantize_to_checkpoint(
+        args.model,
+        args.method,
+        args.out,
+        group_size=args.group_size,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
     print(f"wrote {path}; load it with qspec_jax.load({path!r}) or --model {path}")
     return 0
 
@@ -177,10 +243,17 @@ def cmd_eval(args) -> int:
     limit = None if args.limit == 0 else args.limit
     try:  # every argument checked before the model is loaded
         check_eval_args(args.task, args.modes, limit, args.max_new_tokens, args.gamma, args.out)
-        engine = load(args.model, quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant),
-                      group_size=args.group_size, mesh=_mesh(args))
-        summary = run_eval(engine, args.task, args.modes, limit, args.max_new_tokens, args.gamma,
-                           args.out, draft=args.draft)
+        engine = load(
+            args.model,
+            quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant),
+            group_size=args.group_size,
+            mesh=_mesh(args),
+            quant_cache=not args.no_quant_cache,
+        )
+        summary = run_eval(
+            engine, args.task, args.modes, limit, args.max_new_tokens, args.gamma, args.out,
+            draft=args.draft,
+        )
     except EvalUsageError as e:
         raise CliError(str(e)) from None
     print(markdown_table(summary))
@@ -189,13 +262,15 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qspec-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="qspec-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate from prompts")
     _add_model_args(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    g.add_argument("--prompts-file", help="a .jsonl file of {\"prompt\": ...} objects")
+    g.add_argument("--prompts-file", help='a .jsonl file of {"prompt": ...} objects')
     g.add_argument("--mode", default="fp", choices=MODES)
     g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
     g.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
@@ -222,10 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     from qspec_jax.engine import QUANT_METHODS  # noqa: PLC0415
 
     q = sub.add_parser("quantize", help="quantize once and write an orbax checkpoint")
-    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a .gguf file or an HF dir")
+    q.add_argument(
+        "--model", default="smollm2-135m", help="smollm2-135m, a .gguf file or an HF dir"
+    )
     q.add_argument("--method", required=True, choices=[m for m in QUANT_METHODS if m != "none"])
-    q.add_argument("--group-size", type=int, default=128, help="weight group size (0 = per channel)")
-    q.add_argument("--out", required=True, help="checkpoint directory to create, e.g. checkpoints/NAME")
+    q.add_argument(
+        "--group-size", type=int, default=128, help="weight group size (0 = per channel)"
+    )
+    q.add_argument(
+        "--out", required=True, help="checkpoint directory to create, e.g. checkpoints/NAME"
+    )
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quantize)
@@ -237,9 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=8, help="first N items (0 = all)")
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--gamma", type=int, default=3)
-    e.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
-                   help="QSpec draft precision over the same int4 weights")
-    e.add_argument("--out", default="experiments/results/eval.json", help="summary JSON (resumable)")
+    e.add_argument(
+        "--draft",
+        default="w4a4",
+        choices=DRAFT_PRECISIONS,
+        help="QSpec draft precision over the same int4 weights",
+    )
+    e.add_argument(
+        "--out", default="experiments/results/eval.json", help="summary JSON (resumable)"
+    )
     e.set_defaults(func=cmd_eval)
     return p
 

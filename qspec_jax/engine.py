@@ -2,14 +2,19 @@
 
 The engine owns the weights (one copy), the tokenizer and a cache of compiled generation
 functions keyed by static shapes (batch bucket, prompt bucket, cache capacity, decode config), so
-repeated calls with prompts in the same bucket never recompile.
+repeated calls with prompts in the same bucket never recompile. `max_new_tokens` is bucketed too
+(the output buffer and cache are sized for the next power of two, the limit itself is a traced
+argument), and JAX's persistent compilation cache (`qspec_jax.disk_cache`) keeps the compiled
+programs across processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qspec_jax import disk_cache
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
 from qspec_jax.decoding.loop import (
@@ -48,7 +54,8 @@ class GenerationResult:
         tokens: generated token ids per prompt (EOS included when it ended the sequence).
         finish_reasons: "stop" (EOS) or "length" (max_new_tokens or cache capacity) per prompt.
         stats: tokens generated, wall seconds (compile excluded), tokens per second, compile
-            seconds, and for QSpec the draft statistics.
+            seconds and where the program came from (see `Engine.generate`), and for QSpec the
+            draft statistics.
     """
 
     texts: list[str]
@@ -58,6 +65,9 @@ class GenerationResult:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MIN_NEW_TOKENS_BUCKET = 16
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -76,10 +86,25 @@ class Engine:
         qconfig: how the weights were quantized (method "none" for float weights).
         params: the weights (float, or packed int4 QuantizedWeights for the linears).
         tokenizer: a transformers tokenizer, or None for random-init presets.
+        compile_cache_dir: JAX's persistent compilation cache directory in use, or None.
+        load_info: how `load` produced the weights: quant_cache ("off", "hit", "written" after
+            quantizing, "invalid" when a cached checkpoint failed validation and was
+            replaced, "miss" when writing failed), quant_cache_path, load_s, quantize_s.
     """
 
-    def __init__(self, config: LlamaConfig, params: Params, qconfig: QuantConfig, tokenizer=None,
-                 source: str = "", unroll_layers: bool | None = None, mesh=None):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        params: Params,
+        qconfig: QuantConfig,
+        tokenizer=None,
+        source: str = "",
+        unroll_layers: bool | None = None,
+        mesh=None,
+        compile_cache: bool = True,
+    ):
+        # Before anything compiles: a second process loads the same programs from disk.
+        self.compile_cache_dir = disk_cache.enable_compilation_cache() if compile_cache else None
         self.config = config
         if unroll_layers is None:  # per-layer arrays run ~2x faster on XLA:CPU (no slice copies)
             unroll_layers = jax.default_backend() == "cpu"
@@ -93,7 +118,8 @@ class Engine:
         self.qconfig = qconfig
         self.tokenizer = tokenizer
         self.source = source
-        self._compiled: dict[tuple, Any] = {}
+        self.load_info: dict[str, Any] = {}
+        self._compiled: dict[tuple, Any] = {}  # (shapes, capacity, DecodeConfig) -> executable
         self._logits_fns: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ properties
@@ -149,8 +175,9 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generation
-    def _decode_config(self, mode, max_new_tokens, temperature, top_k, top_p, gamma,
-                       draft="w4a4") -> DecodeConfig:
+    def _decode_config(
+        self, mode, max_new_tokens, temperature, top_k, top_p, gamma, draft="w4a4"
+    ) -> DecodeConfig:
         self.check_mode(mode)
         if draft not in DRAFT_PRECISIONS:
             raise UsageError(
@@ -161,12 +188,15 @@ class Engine:
         if mode == "qspec" and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
             raise UsageError(f"gamma must be an integer in 1..{MAX_GAMMA}, got {gamma!r}")
         try:
-            sc = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+            sc = SamplingConfig(
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
+            )
         except ValueError as e:
             raise UsageError(str(e)) from None
         return DecodeConfig(
             mode=mode,
-            max_new_tokens=max_new_tokens,
+            # the static buffer bound; the real limit is passed to the program as an array
+            max_new_tokens=_bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET),
             sampling=sc,
             eos_ids=tuple(self.config.eos_token_ids),
             gamma=gamma if mode == "qspec" else 0,
@@ -191,16 +221,32 @@ class Engine:
             batch = -(-batch // d) * d
         return batch, t_bucket, capacity
 
-    def compiled_generate(self, cache: KVCache, toks, lens, key, dc: DecodeConfig):
-        """The AOT-compiled generation function for these arguments' shapes and shardings (cached)."""
+    @property
+    def num_compiled(self) -> int:
+        """How many generation programs this engine has compiled (or loaded from disk)."""
+        return len(self._compiled)
+
+    def compiled_generate(self, cache: KVCache, toks, lens, key, limit, dc: DecodeConfig):
+        """The AOT-compiled generation function for these arguments' shapes and shardings.
+
+        Returns:
+            (executable, compile_s, source): compile_s is the wall time of tracing, lowering
+            and compiling in this call (0.0 when this engine already held the program);
+            source is "memory" (held by this engine), "disk" (JAX's persistent cache supplied
+            the executable; compile_s is then tracing + lowering + reading it) or "compiled"
+            (XLA compiled it now).
+        """
         ckey = (toks.shape, cache.capacity, dc)
-        if ckey not in self._compiled:
-            t0 = time.perf_counter()
-            fn = generate.lower(
-                self.params, cache, toks, lens, key, cfg=self.config, qcfg=self.qconfig, dc=dc
-            ).compile()
-            self._compiled[ckey] = (fn, time.perf_counter() - t0)
-        return self._compiled[ckey]
+        if ckey in self._compiled:
+            return self._compiled[ckey], 0.0, "memory"
+        hits = disk_cache.persistent_cache_hits()
+        t0 = time.perf_counter()
+        fn = generate.lower(
+            self.params, cache, toks, lens, key, limit, cfg=self.config, qcfg=self.qconfig, dc=dc
+        ).compile()
+        compile_s = time.perf_counter() - t0
+        self._compiled[ckey] = fn
+        return fn, compile_s, "disk" if disk_cache.persistent_cache_hits() > hits else "compiled"
 
     def generate(
         self,
@@ -236,7 +282,10 @@ class Engine:
             ignore_eos: generate exactly max_new_tokens (for benchmarks).
 
         Returns:
-            A GenerationResult.
+            A GenerationResult. stats["compile_s"] is the wall time this call spent tracing,
+            lowering and compiling its program (0.0 when the engine already held it);
+            stats["compile_source"] says where the program came from: "memory", "disk"
+            (JAX's persistent compilation cache) or "compiled".
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -246,8 +295,9 @@ class Engine:
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
         if mode == "qspec":
-            dc = dataclasses.replace(dc, adaptive_gamma=bool(adaptive_gamma),
-                                     spec_max_active=int(spec_max_active))
+            dc = dataclasses.replace(
+                dc, adaptive_gamma=bool(adaptive_gamma), spec_max_active=int(spec_max_active)
+            )
         token_lists = self.encode(prompts, chat=chat)
         batch, t_bucket, capacity = self._plan(token_lists, dc)
 
@@ -265,14 +315,23 @@ class Engine:
             cache = shard_cache(cache, self.mesh)
             toks, lens = shard_batch(toks, self.mesh), shard_batch(lens, self.mesh)
         key = jax.random.PRNGKey(seed)
-        fn, compile_s = self.compiled_generate(cache, toks, lens, key, dc)
+        limit = jnp.asarray(max_new_tokens, jnp.int32)  # traced: no recompile within a bucket
+        fn, compile_s, source = self.compiled_generate(cache, toks, lens, key, limit, dc)
         jax.block_until_ready((cache, toks, lens))
 
         t0 = time.perf_counter()
-        state = fn(self.params, cache, toks, lens, key)
+        state = fn(self.params, cache, toks, lens, key, limit)
         out = jax.device_get(
-            (state.out_tokens, state.num_generated, state.finish, state.steps,
-             state.draft_proposed, state.draft_accepted, state.verify_steps, state.spec_steps)
+            (
+                state.out_tokens,
+                state.num_generated,
+                state.finish,
+                state.steps,
+                state.draft_proposed,
+                state.draft_accepted,
+                state.verify_steps,
+                state.spec_steps,
+            )
         )
         wall = time.perf_counter() - t0
         out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps = out
@@ -287,6 +346,8 @@ class Engine:
             "wall_s": wall,
             "tokens_per_s": total / wall if wall > 0 else float("nan"),
             "compile_s": compile_s,
+            "compile_source": source,
+            "max_new_tokens_bucket": dc.max_new_tokens,
             "prompt_tokens": int(sum(len(t) for t in token_lists)),
             "steps": int(steps),
         }
@@ -344,6 +405,8 @@ def load(
     seed: int = 0,
     progress: bool = True,
     mesh=None,
+    compile_cache: bool = True,
+    quant_cache: bool = True,
     **quant_options,
 ) -> Engine:
     """Loads a model and returns an Engine.
@@ -361,18 +424,55 @@ def load(
         progress: show progress bars while quantizing.
         mesh: optional `jax.sharding.Mesh` from `qspec_jax.sharding.make_mesh`: batches split
             over its "data" axis, weights tensor-parallel over its "model" axis.
+        compile_cache: turn on JAX's persistent compilation cache under the user's cache home
+            (see `qspec_jax.disk_cache`; ``QSPEC_JAX_COMPILE_CACHE=0`` also turns it off).
+        quant_cache: quantize once: reuse the orbax checkpoint the first quantization of the
+            same model file (path, size, mtime), method, group size, seed, dtype, options and
+            quantizer source code wrote under the user's cache home, and write one after
+            quantizing (``QSPEC_JAX_QUANT_CACHE=0`` also turns it off). A cached checkpoint
+            that fails validation is quantized again and replaced, never used.
+            `Engine.load_info` says what happened.
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
     quant = quant or "none"
+    if compile_cache:  # before quantizing: its jitted kernels are cached too
+        disk_cache.enable_compilation_cache()
     if quant not in QUANT_METHODS:
-        raise UsageError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_METHODS)}")
+        raise UsageError(
+            f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_METHODS)}"
+        )
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
     from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
+
+    t_load = time.perf_counter()
+    entry = None
+    if quant not in ("none", "gguf") and quant_cache and disk_cache.quant_cache_enabled():
+        entry = _quant_cache_entry(model, quant, group_size, dtype, seed, quant_options)
+    info: dict[str, Any] = {"quant_cache": "off" if entry is None else "miss"}
+    if entry is not None:
+        info["quant_cache_path"] = entry[0]
+        hit = _read_quant_cache(entry, info)
+        if hit is not None:
+            cfg, params, qcfg, tok_source = hit
+            tokenizer = _tokenizer(tok_source, quant_cache) if tok_source else None
+            eng = Engine(
+                cfg,
+                params,
+                qcfg,
+                tokenizer,
+                source=str(model),
+                mesh=mesh,
+                compile_cache=compile_cache,
+            )
+            eng.load_info = dict(info, load_s=time.perf_counter() - t_load)
+            return eng
 
     tokenizer = None
     if model in PRESETS and model != EMBEDDED_MODEL:
         if quant == "gguf":
-            raise UsageError(f"quant 'gguf' needs a GGUF file, but {model!r} is a random-init preset")
+            raise UsageError(
+                f"quant 'gguf' needs a GGUF file, but {model!r} is a random-init preset"
+            )
         cfg = PRESETS[model].replace(dtype=dtype)
         params = init_params(cfg, jax.random.PRNGKey(seed))
         qcfg = QuantConfig()
@@ -382,12 +482,14 @@ def load(
         if quant not in ("none",):
             raise UsageError(f"{model} is already quantized; do not pass quant={quant!r}")
         cfg, params, qcfg, tok_source = load_quantized(model)
-        tokenizer = _maybe_tokenizer(tok_source) if tok_source else None
-        return Engine(cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh)
+        tokenizer = _tokenizer(tok_source, quant_cache) if tok_source else None
+        return Engine(
+            cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
+        )
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
         try:
-            tokenizer = _maybe_tokenizer(model)
+            tokenizer = _tokenizer(model, quant_cache)
         except LoadError:
             raise
     if quant not in ("none", "gguf"):
@@ -395,11 +497,105 @@ def load(
 
         # GPTQ calibrates on the project's own text, tokenized by the model's tokenizer.
         calib = quant_options.pop("calib_tokens", tokenizer)
+        t_q = time.perf_counter()
         params, qcfg = quantize_model(
-            params, cfg, quant, group_size, calib_tokens=calib, seed=seed, progress=progress,
+            params,
+            cfg,
+            quant,
+            group_size,
+            calib_tokens=calib,
+            seed=seed,
+            progress=progress,
             **quant_options,
         )
-    return Engine(cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh)
+        info["quantize_s"] = time.perf_counter() - t_q
+        if entry is not None:
+            tok_source = None if model in PRESETS and model != EMBEDDED_MODEL else str(model)
+            _write_quant_cache(entry, cfg, params, qcfg, tok_source, info)
+    eng = Engine(
+        cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
+    )
+    eng.load_info = dict(info, load_s=time.perf_counter() - t_load)
+    return eng
+
+
+def _quant_cache_entry(model, method, group_size, dtype, seed, quant_options):
+    """(path, description) of the cached quantized checkpoint for a load, or None.
+
+    None when the weights cannot be identified cheaply (not a file, directory or preset) or an
+    option is not plain data (e.g. a tokenizer object as calib_tokens).
+    """
+    options = dict(quant_options)
+    calib = options.pop("calib_tokens", None)
+    if calib is not None:  # explicit calibration ids: their bytes are part of the key
+        try:
+            ids = np.asarray(calib)
+        except ValueError:  # ragged lists
+            return None
+        if ids.dtype.kind not in "iu":
+            return None
+        options["calib_tokens_sha256"] = disk_cache.array_digest(ids)
+    try:
+        json.dumps(options)
+    except (TypeError, ValueError):
+        return None
+    if model in PRESETS and model != EMBEDDED_MODEL:
+        cfg = PRESETS[model].replace(dtype=dtype)
+        identity = {"preset": model, "config": dataclasses.asdict(cfg), "init_seed": seed}
+    else:
+        identity = disk_cache.model_identity(str(model))
+        if identity is None:
+            return None
+    settings = dict(method=method, group_size=group_size, seed=seed, dtype=dtype, options=options)
+    key, desc = disk_cache.quant_cache_key(identity, settings)
+    return disk_cache.quant_cache_path(key), desc
+
+
+def _read_quant_cache(entry, info: dict):
+    """The cached (cfg, params, qcfg, tokenizer_source), or None (missing, stale or corrupt).
+
+    A checkpoint that fails `load_quantized`'s validation (format, shapes, sha256 of every
+    array) or records another description is moved aside and deleted; the caller quantizes
+    again and writes a fresh one.
+    """
+    from qspec_jax.checkpoint import is_checkpoint, load_quantized, read_metadata  # noqa: PLC0415
+    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
+
+    path, desc = entry
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not is_checkpoint(path):
+            raise LoadError(f"{path}: holds no checkpoint metadata")
+        recorded = read_metadata(path).get("extra", {}).get("quant_cache")
+        if disk_cache.canonical(recorded) != disk_cache.canonical(desc):
+            raise LoadError(f"{path}: records other quantization settings")
+        out = load_quantized(path)
+    except LoadError as e:
+        warnings.warn(f"cached quantized weights unusable ({e}); quantizing again", stacklevel=3)
+        info["quant_cache"] = "invalid"
+        info["quant_cache_error"] = str(e)
+        disk_cache.discard(path)
+        return None
+    info["quant_cache"] = "hit"
+    return out
+
+
+def _write_quant_cache(entry, cfg, params, qcfg, tok_source, info: dict) -> None:
+    """Saves freshly quantized weights to the cache (atomically); a failure only warns."""
+    from qspec_jax.checkpoint import save_quantized  # noqa: PLC0415
+
+    path, desc = entry
+    t0 = time.perf_counter()
+    try:
+        save_quantized(path, cfg, params, qcfg, tok_source, extra_meta={"quant_cache": desc})
+    except (OSError, ValueError, TypeError) as e:  # FileExistsError: another process won
+        warnings.warn(f"could not cache the quantized weights at {path}: {e}", stacklevel=3)
+        info["quant_cache_write_error"] = str(e)
+        return
+    if info["quant_cache"] == "miss":
+        info["quant_cache"] = "written"
+    info["quant_cache_write_s"] = time.perf_counter() - t0
 
 
 def _is_qspec_checkpoint(path: str) -> bool:
@@ -427,7 +623,11 @@ def quantize_to_checkpoint(
     if method not in QUANT_METHODS or method == "none":
         raise UsageError(f"unknown method {method!r}: choose one of {', '.join(QUANT_METHODS[1:])}")
     if os.path.exists(out) and not (overwrite and _is_qspec_checkpoint(out)):
-        what = "a checkpoint (pass --overwrite to replace it)" if _is_qspec_checkpoint(out) else "not a checkpoint"
+        what = (
+            "a checkpoint (pass --overwrite to replace it)"
+            if _is_qspec_checkpoint(out)
+            else "not a checkpoint"
+        )
         raise UsageError(f"{out} already exists and is {what}: choose another --out")
     from qspec_jax.checkpoint import save_quantized  # noqa: PLC0415
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
@@ -439,15 +639,47 @@ def quantize_to_checkpoint(
     if method != "gguf":
         from qspec_jax.quant import quantize_model  # noqa: PLC0415
 
-        params, qcfg = quantize_model(params, cfg, method, group_size, calib_tokens=tokenizer,
-                                      seed=seed, progress=progress, **quant_options)
-    settings = dict(method=method, group_size=group_size, seed=seed, source=str(model), **{
-        k: v for k, v in quant_options.items() if isinstance(v, (int, float, str, bool))})
-    return save_quantized(out, cfg, params, qcfg, str(model), extra_meta=dict(quantizer=settings),
-                          overwrite=overwrite)
+        params, qcfg = quantize_model(
+            params,
+            cfg,
+            method,
+            group_size,
+            calib_tokens=tokenizer,
+            seed=seed,
+            progress=progress,
+            **quant_options,
+        )
+    settings = dict(
+        method=method,
+        group_size=group_size,
+        seed=seed,
+        source=str(model),
+        **{k: v for k, v in quant_options.items() if isinstance(v, (int, float, str, bool))},
+    )
+    return save_quantized(
+        out, cfg, params, qcfg, str(model), extra_meta=dict(quantizer=settings), overwrite=overwrite
+    )
 
 
-def _maybe_tokenizer(source: str):
+def _tokenizer(source: str, use_cache: bool):
+    """The model's tokenizer, through the cache unless `use_cache` is False."""
+    if use_cache:
+        return _maybe_tokenizer(source)
     from qspec_jax.loading.tokenizer import load_tokenizer  # noqa: PLC0415
 
     return load_tokenizer(source)
+
+
+def _maybe_tokenizer(source: str):
+    """The model's tokenizer; a GGUF's is converted once and then read from the cache.
+
+    transformers builds a GGUF file's tokenizer by converting its vocabulary, about 16-18 s for
+    SmolLM2 on a 2-core machine; the converted tokenizer is saved under the cache root
+    (`qspec_jax.disk_cache.load_cached_tokenizer`) and read back in well under a second.
+    ``QSPEC_JAX_QUANT_CACHE=0`` turns this off.
+    """
+    from qspec_jax.loading.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    if not disk_cache.quant_cache_enabled():
+        return load_tokenizer(source)
+    return disk_cache.load_cached_tokenizer(source, load_tokenizer)

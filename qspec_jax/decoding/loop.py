@@ -56,7 +56,10 @@ class DecodeConfig:
 
     Attributes:
         mode: "fp" | "w4a16" | "w4a4" | "w4a8" (autoregressive) or "qspec".
-        max_new_tokens: the most tokens generated per sequence.
+        max_new_tokens: the most tokens generated per sequence. When `generate` is also given
+            a dynamic `max_new_tokens` array, this static value is only the upper bound that
+            sizes the output buffer (the engine passes a power-of-two bucket here, so calls
+            with different limits in one bucket share one compiled program).
         sampling: greedy / temperature / top-k / top-p.
         eos_ids: token ids that end a sequence.
         gamma: QSpec draft length (tokens drafted per verify step).
@@ -133,6 +136,7 @@ class DecodeState:
         verify_steps: int32 [batch], steps in which the sequence was active.
         gamma_cur: int32 [], the draft length of the next QSpec step (== gamma unless adaptive).
         spec_steps: int32 [], steps that drafted (the rest were plain autoregressive steps).
+        max_new: int32 [], this call's max_new_tokens (a traced value <= dc.max_new_tokens).
     """
 
     cache: KVCache
@@ -148,6 +152,7 @@ class DecodeState:
     verify_steps: jnp.ndarray
     gamma_cur: jnp.ndarray
     spec_steps: jnp.ndarray
+    max_new: jnp.ndarray
 
 
 def _is_eos(tokens: jnp.ndarray, dc: DecodeConfig) -> jnp.ndarray:
@@ -160,7 +165,7 @@ def _update_finish(state: DecodeState, newly_stopped: jnp.ndarray, dc: DecodeCon
     """Marks sequences done: EOS seen, max_new_tokens reached, or no room for another step."""
     active = ~state.done
     full = state.cache.lengths + dc.tokens_per_step > state.cache.capacity
-    at_max = state.num_generated >= dc.max_new_tokens
+    at_max = state.num_generated >= state.max_new
     stop = active & newly_stopped
     length = active & ~newly_stopped & (at_max | full)
     finish = jnp.where(stop, STOP, jnp.where(length, LENGTH, state.finish))
@@ -176,18 +181,26 @@ def prefill(
     cfg: LlamaConfig,
     qcfg: QuantConfig,
     dc: DecodeConfig,
+    max_new_tokens: jnp.ndarray | None = None,
 ) -> DecodeState:
     """Runs the padded prompts [batch, T] through the model and draws the first token.
 
     Prompts are right-padded; entries past prompt_lens[b] are written but never marked valid,
-    and later steps overwrite them.
+    and later steps overwrite them. `max_new_tokens` (int32 [], optional) is the dynamic limit,
+    capped at the static `dc.max_new_tokens`.
     """
     b = prompt_tokens.shape[0]
     cache = set_lengths(cache, jnp.zeros((b,), jnp.int32))
     with jax.named_scope("prefill"):
         logits, cache = forward(
-            params, prompt_tokens, cache, cfg, qcfg, dc.main_precision,
-            logits_index=prompt_lens - 1, impl=dc.impl,
+            params,
+            prompt_tokens,
+            cache,
+            cfg,
+            qcfg,
+            dc.main_precision,
+            logits_index=prompt_lens - 1,
+            impl=dc.impl,
         )  # [batch, V]
     key, sub = jax.random.split(key)
     first = sample(logits, sub, dc.sampling)  # [batch]
@@ -207,8 +220,16 @@ def prefill(
         verify_steps=zeros,
         gamma_cur=jnp.asarray(max(dc.gamma, 1), jnp.int32),
         spec_steps=jnp.zeros((), jnp.int32),
+        max_new=_limit(max_new_tokens, dc),
     )
     return _update_finish(state, _is_eos(first, dc), dc)
+
+
+def _limit(max_new_tokens: jnp.ndarray | None, dc: DecodeConfig) -> jnp.ndarray:
+    """The dynamic max_new_tokens as int32 [], capped at the static buffer bound."""
+    if max_new_tokens is None:
+        return jnp.asarray(dc.max_new_tokens, jnp.int32)
+    return jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), dc.max_new_tokens)
 
 
 def _commit(
@@ -228,7 +249,7 @@ def _commit(
     j = jnp.arange(w, dtype=jnp.int32)[None, :]  # [1, w]
     eos = _is_eos(emitted, dc) & (j < n_emit[:, None])  # [batch, w]
     first_eos = jnp.where(eos.any(-1), jnp.argmax(eos, axis=-1), w)  # [batch]
-    room = dc.max_new_tokens - state.num_generated
+    room = state.max_new - state.num_generated
     count = jnp.minimum(jnp.minimum(n_emit, first_eos + 1), room)
     count = jnp.where(active, jnp.maximum(count, 0), 0)  # [batch]
     idx = state.num_generated[:, None] + j  # [batch, w]
@@ -260,8 +281,14 @@ def ar_step(
     b = state.last_token.shape[0]
     with jax.named_scope("ar_step"):
         logits, cache = forward(
-            params, state.last_token[:, None], state.cache, cfg, qcfg, precision or dc.main_precision,
-            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
+            params,
+            state.last_token[:, None],
+            state.cache,
+            cfg,
+            qcfg,
+            precision or dc.main_precision,
+            logits_index=jnp.zeros((b,), jnp.int32),
+            impl=dc.impl,
         )  # [batch, V]
         key, sub = jax.random.split(state.key)
         nxt = sample(logits, sub, dc.sampling)  # [batch]
@@ -286,8 +313,14 @@ def _draft(state: DecodeState, params, cfg, qcfg, dc: DecodeConfig):
         tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
         cache = cache.replace(lengths=base + i)
         logits, cache = forward(
-            params, tok, cache, cfg, qcfg, dc.draft_precision,
-            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl,
+            params,
+            tok,
+            cache,
+            cfg,
+            qcfg,
+            dc.draft_precision,
+            logits_index=jnp.zeros((b,), jnp.int32),
+            impl=dc.impl,
         )  # [batch, V]
         key, sub = jax.random.split(key)
         if sc.greedy:
@@ -404,7 +437,9 @@ def qspec_step(
         # half accepted on average: one fewer.
         all_in = jnp.all(jnp.where(active, n == gamma_cur, True))
         rate = jnp.sum(n * act) / jnp.maximum(jnp.sum(act) * gamma_cur, 1)
-        gamma_cur = jnp.where(all_in, gamma_cur + 1, jnp.where(rate < 0.5, gamma_cur - 1, gamma_cur))
+        gamma_cur = jnp.where(
+            all_in, gamma_cur + 1, jnp.where(rate < 0.5, gamma_cur - 1, gamma_cur)
+        )
         gamma_cur = jnp.clip(gamma_cur, 1, dc.gamma).astype(jnp.int32)
     state = state.replace(
         key=key,
@@ -442,6 +477,7 @@ def generate(
     prompt_tokens: jnp.ndarray,
     prompt_lens: jnp.ndarray,
     key: jax.Array,
+    max_new_tokens: jnp.ndarray | None = None,
     *,
     cfg: LlamaConfig,
     qcfg: QuantConfig,
@@ -455,12 +491,15 @@ def generate(
         prompt_tokens: int32 [batch, T] right-padded prompts (T a bucket size).
         prompt_lens: int32 [batch] real prompt lengths (>= 1).
         key: PRNG key.
+        max_new_tokens: optional int32 [] limit, traced (not static): calls that differ only
+            in it share one compiled program; capped at `dc.max_new_tokens`, which sizes the
+            output buffer. None: `dc.max_new_tokens` is the limit.
         cfg, qcfg, dc: static configs.
 
     Returns:
         The final DecodeState (tokens in out_tokens[:, :num_generated]).
     """
-    state = prefill(params, cache, prompt_tokens, prompt_lens, key, cfg, qcfg, dc)
+    state = prefill(params, cache, prompt_tokens, prompt_lens, key, cfg, qcfg, dc, max_new_tokens)
     return jax.lax.while_loop(cond, lambda s: step(s, params, cfg, qcfg, dc), state)
 
 
@@ -468,9 +507,21 @@ _prefill_jit = jax.jit(prefill, static_argnames=("cfg", "qcfg", "dc"))
 _step_jit = jax.jit(step, static_argnames=("cfg", "qcfg", "dc"))
 
 
-def generate_python(params, cache, prompt_tokens, prompt_lens, key, *, cfg, qcfg, dc):
+def generate_python(
+    params, cache, prompt_tokens, prompt_lens, key, max_new_tokens=None, *, cfg, qcfg, dc
+):
     """The same generation as `generate`, stepping from Python (for debugging and tracing)."""
-    state = _prefill_jit(params, cache, prompt_tokens, prompt_lens, key, cfg=cfg, qcfg=qcfg, dc=dc)
+    state = _prefill_jit(
+        params,
+        cache,
+        prompt_tokens,
+        prompt_lens,
+        key,
+        cfg=cfg,
+        qcfg=qcfg,
+        dc=dc,
+        max_new_tokens=max_new_tokens,
+    )
     while bool(cond(state)):
         state = _step_jit(state, params, cfg=cfg, qcfg=qcfg, dc=dc)
     return state
