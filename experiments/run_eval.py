@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_limit, default=None,
                    help="first N items, or 'all' (default: math 8, humaneval 4, perplexity all)")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or a model path")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default="quarot-rtn")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="gguf",
+                   help="default gguf: the embedded model's own Q4_1 codes (W4A16 = shipped model)")
     p.add_argument("--group-size", type=int, default=128, help="weight group size (0 = per channel)")
     p.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
-    p.add_argument("--draft", choices=("w4a4", "w4a8"), default="w4a4", help="QSpec draft precision")
+    p.add_argument("--draft", choices=("w4a4", "w4a8"), default="w4a8", help="QSpec draft precision")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (math, humaneval)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--temperature", type=float, default=0.0)

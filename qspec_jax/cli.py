@@ -118,10 +118,15 @@ def _read_prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def _default_quant(mode: str, quant: str | None) -> str | None:
+def _default_quant(mode: str, quant: str | None, model: str = "smollm2-135m") -> str | None:
+    """The measured best weights for a mode when --quant is not given: float for fp; for a GGUF
+    model its own 4-bit codes (W4A16 is then the shipped model exactly, README "Quantization");
+    otherwise quarot-rtn."""
     if quant is not None:
         return quant
-    return None if mode == "fp" else "quarot-rtn"
+    if mode == "fp":
+        return None
+    return "gguf" if model == "smollm2-135m" or str(model).endswith(".gguf") else "quarot-rtn"
 
 
 def cmd_generate(args) -> int:
@@ -136,7 +141,7 @@ def cmd_generate(args) -> int:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     engine = load(
         args.model,
-        quant=_default_quant(args.mode, args.quant),
+        quant=_default_quant(args.mode, args.quant, args.model),
         group_size=args.group_size,
         progress=not args.json,
         mesh=_mesh(args),
@@ -173,16 +178,18 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from qspec_jax.engine import load  # noqa: PLC0415
 
-    print(f"Loading {args.model} quantized with {args.quant} (group {args.group_size}) ...")
+    quant = _default_quant("qspec", args.quant, args.model)
+    print(f"Loading {args.model} with int4 weights: {quant} ...")
     engine = load(
         args.model,
-        quant=args.quant,
+        quant=quant,
         group_size=args.group_size,
         mesh=_mesh(args),
         quant_cache=not args.no_quant_cache,
     )
     info = engine.load_info
     how = {
+        None: "loaded",
         "hit": "reused the cached quantized weights",
         "written": "quantized and cached",
         "invalid": "cached copy failed validation: quantized again and re-cached",
@@ -194,7 +201,7 @@ def cmd_demo(args) -> int:
     prompts = DEMO_PROMPTS[: args.num_prompts]
     kw = dict(max_new_tokens=args.max_new_tokens, chat=True)
     rows = []
-    for mode in ("w4a16", "w4a4", "qspec"):
+    for mode in ("w4a16", args.draft, "qspec"):  # the verifier, the drafter alone, QSpec
         engine.generate(prompts, mode=mode, gamma=args.gamma, draft=args.draft, **kw)  # compile
         res = engine.generate(prompts, mode=mode, gamma=args.gamma, draft=args.draft, **kw)
         rows.append((mode, res))
@@ -245,7 +252,7 @@ def cmd_eval(args) -> int:
         check_eval_args(args.task, args.modes, limit, args.max_new_tokens, args.gamma, args.out)
         engine = load(
             args.model,
-            quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant),
+            quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant, args.model),
             group_size=args.group_size,
             mesh=_mesh(args),
             quant_cache=not args.no_quant_cache,
@@ -273,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", help='a .jsonl file of {"prompt": ...} objects')
     g.add_argument("--mode", default="fp", choices=MODES)
     g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
-    g.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
+    g.add_argument("--draft", default="w4a8", choices=DRAFT_PRECISIONS,
                    help="QSpec draft precision over the same int4 weights")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -286,9 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="QSpec vs W4A16 on the embedded model")
     _add_model_args(d)
-    d.set_defaults(quant="quarot-rtn")
     d.add_argument("--gamma", type=int, default=3)
-    d.add_argument("--draft", default="w4a4", choices=DRAFT_PRECISIONS,
+    d.add_argument("--draft", default="w4a8", choices=DRAFT_PRECISIONS,
                    help="QSpec draft precision over the same int4 weights")
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--num-prompts", type=int, default=4)
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gamma", type=int, default=3)
     e.add_argument(
         "--draft",
-        default="w4a4",
+        default="w4a8",
         choices=DRAFT_PRECISIONS,
         help="QSpec draft precision over the same int4 weights",
     )

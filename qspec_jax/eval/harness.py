@@ -411,8 +411,8 @@ _BATCH_STATS = ("tokens_generated", "wall_s", "draft_tokens_proposed", "draft_to
 
 
 def _run_generation_batch(engine, task, mode, batch, *, max_new_tokens, gamma, temperature, seed,
-                          humaneval_style, exec_timeout, exec_workers, draft="w4a4"):
-    extra = {"draft": draft} if mode == "qspec" and draft != "w4a4" else {}
+                          humaneval_style, exec_timeout, exec_workers, draft="w4a8"):
+    extra = {"draft": draft} if mode == "qspec" else {}
     res = engine.generate(
         [it.prompt for it in batch], mode=mode, max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed, chat=batch[0].chat, gamma=gamma, **extra,
@@ -556,7 +556,7 @@ def run_eval(
     exec_timeout: float = 10.0,
     exec_workers: int = 2,
     seq_len: int = 256,
-    draft: str = "w4a4",
+    draft: str = "w4a8",
 ) -> dict:
     """Evaluates `engine` on `task` in each of `modes`; returns the summary written to `results_path`.
 
@@ -601,9 +601,9 @@ def run_eval(
     if task == "perplexity":
         config["seq_len"] = seq_len
     else:
-        config.update(max_new_tokens=max_new_tokens, gamma=gamma)
-        if "qspec" in mode_list and draft != "w4a4":  # absent = w4a4: older files still resume
-            config["draft"] = draft
+        # draft recorded for every generation run, so a resume may add qspec to the modes;
+        # files written before the option existed (their QSpec drafted in w4a4) do not resume
+        config.update(max_new_tokens=max_new_tokens, gamma=gamma, draft=draft)
     if task == "humaneval":
         config.update(humaneval_style=humaneval_style, exec_timeout=float(exec_timeout))
     config = json.loads(json.dumps(config))

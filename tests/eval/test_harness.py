@@ -383,10 +383,10 @@ def test_draft_precision_reaches_qspec_and_is_part_of_the_configuration(tmp_path
             self.seen = getattr(self, "seen", []) + [(mode, kw.get("draft"))]
             return super().generate(prompts, mode, *args, **kw)
 
-    eng, path, s = _math_run(tmp_path, engine=Recording(), limit=2, draft="w4a8")
-    assert set(eng.seen) == {("w4a16", None), ("w4a4", None), ("qspec", "w4a8")}
-    assert s["config"]["draft"] == "w4a8"
-    with pytest.raises(EvalUsageError, match=r"draft: \"w4a8\" there"):
+    eng, path, s = _math_run(tmp_path, engine=Recording(), limit=2, draft="w4a4")
+    assert set(eng.seen) == {("w4a16", None), ("w4a4", None), ("qspec", "w4a4")}
+    assert s["config"]["draft"] == "w4a4"
+    with pytest.raises(EvalUsageError, match=r"draft: \"w4a4\" there, \"w4a8\" now"):
         run_eval(FakeEngine(), "math", MODES, 2, results_path=path, **KW)
     with pytest.raises(EvalUsageError, match="unknown draft precision 'w4a2'"):
         run_eval(FakeEngine(), "math", MODES, 2, results_path=str(tmp_path / "y.json"), draft="w4a2", **KW)

@@ -77,7 +77,7 @@ def test_full_run_on_fake_engine(tmp_path, capsys):
             "--max-new-tokens", "200", "--out", str(out), "--no-progress"]
     assert run_eval_script.main(argv, load_engine=lambda a: FakeEngine()) == 0
     stdout = capsys.readouterr().out
-    name = "math_smollm2-135m_quarot-rtn_g128_n5"
+    name = "math_smollm2-135m_gguf_n5"
     assert sorted(os.listdir(out)) == [f"{name}.json", f"{name}.partial.jsonl", f"{name}.png"]
     with open(out / f"{name}.json") as f:
         s = json.load(f)
@@ -100,4 +100,4 @@ def test_perplexity_defaults(tmp_path, capsys):
     assert run_eval_script.main(argv, load_engine=lambda a: FakeEngine()) == 0
     stdout = capsys.readouterr().out
     assert "| mode | perplexity | items | tokens scored | tokens/s |" in stdout
-    assert os.path.exists(tmp_path / "perplexity_smollm2-135m_quarot-rtn_g128_all.json")
+    assert os.path.exists(tmp_path / "perplexity_smollm2-135m_gguf_all.json")
