@@ -137,5 +137,5 @@ def test_w4a8_draft_is_exact_and_accepted_more_than_w4a4(tiny_cfg, tiny_q):
 
 
 def test_unknown_draft_precision_is_rejected():
-    with pytest.raises(ValueError, match="unknown draft precision 'w4a16'"):
-        DecodeConfig(mode="qspec", draft_precision="w4a16")
+    with pytest.raises(ValueError, match="unknown draft precision 'w4a2'"):
+        DecodeConfig(mode="qspec", draft_precision="w4a2")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qspec_jax.cache.kv_cache import KVCache, set_lengths
-from qspec_jax.config import LlamaConfig, QuantConfig
+from qspec_jax.config import PRECISIONS, LlamaConfig, QuantConfig
 from qspec_jax.decoding.sampling import (
     SamplingConfig,
     filtered_probs,
@@ -92,11 +92,11 @@ class DecodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.mode == "qspec" and not 1 <= self.gamma <= MAX_GAMMA:
             raise ValueError(f"gamma must be in 1..{MAX_GAMMA}, got {self.gamma}")
-        if self.draft_precision not in DRAFT_PRECISIONS:
-            raise ValueError(
-                f"unknown draft precision {self.draft_precision!r}; expected one of "
-                f"{', '.join(DRAFT_PRECISIONS)}"
-            )
+        for what, prec in (("draft", self.draft_precision), ("verify", self.verify_precision)):
+            if prec not in PRECISIONS:  # the engine offers DRAFT_PRECISIONS for the draft
+                raise ValueError(
+                    f"unknown {what} precision {prec!r}; expected one of {', '.join(PRECISIONS)}"
+                )
 
     @property
     def speculative(self) -> bool:
