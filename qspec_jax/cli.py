@@ -1,7 +1,7 @@
 """The `qspec-jax` command line.
 
 Subcommands:
-    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec)
+    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec, hspec)
     demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
     quantize   quantize once and write an orbax checkpoint under checkpoints/
     eval       score modes on math word problems, HumanEval pass@1 or held-out perplexity
@@ -139,6 +139,14 @@ def cmd_generate(args) -> int:
         raise CliError("no prompts: give --prompt TEXT or --prompts-file F.jsonl")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.mode == "hspec":  # checked before the model is loaded
+        from qspec_jax.decoding import hspec  # noqa: PLC0415
+
+        try:
+            hspec.check_tree(args.tree)
+            hspec.check_levels(args.levels)
+        except ValueError as e:
+            raise CliError(f"--tree/--levels: {e}") from None
     engine = load(
         args.model,
         quant=_default_quant(args.mode, args.quant, args.model),
@@ -159,6 +167,8 @@ def cmd_generate(args) -> int:
         chat=not args.no_chat,
         gamma=args.gamma,
         draft=args.draft,
+        tree=args.tree,
+        levels=args.levels,
     )
     if args.json:
         print(json.dumps(res.to_json()))
@@ -170,6 +180,10 @@ def cmd_generate(args) -> int:
         line = f"--- {s['tokens_generated']} tokens in {s['wall_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s ({args.mode})"
         if args.mode == "qspec":
             line += (f", draft {s['draft']}, acceptance {s['acceptance_rate']:.2f}, "
+                     f"{s['mean_tokens_per_step']:.2f} tokens/step")
+        if args.mode == "hspec":
+            line += (f", tree {args.tree} ({s['tree_nodes']} nodes), levels {','.join(s['levels'])}, "
+                     f"{s['tree_accepted_per_step']:.2f} tree tokens kept/step, "
                      f"{s['mean_tokens_per_step']:.2f} tokens/step")
         print(line)
     return 0
@@ -282,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
     g.add_argument("--draft", default="w4a8", choices=DRAFT_PRECISIONS,
                    help="QSpec draft precision over the same int4 weights")
+    g.add_argument("--tree", default="4,2,1",
+                   help="hspec draft tree: children per node at each depth, e.g. 4,2,1")
+    g.add_argument("--levels", default="w4a4,w4a8,w4a16",
+                   help="hspec precisions, cheapest first, ending in w4a16 (e.g. w4a4,w4a16)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

@@ -127,7 +127,7 @@ class Engine:
     def modes(self) -> tuple[str, ...]:
         """The generation modes this engine's weights support."""
         if is_quantized(self.params):
-            return ("w4a16", "w4a4", "w4a8", "qspec")
+            return ("w4a16", "w4a4", "w4a8", "qspec", "hspec")
         return ("fp",)
 
     @property
@@ -176,7 +176,8 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def _decode_config(
-        self, mode, max_new_tokens, temperature, top_k, top_p, gamma, draft="w4a8"
+        self, mode, max_new_tokens, temperature, top_k, top_p, gamma, draft="w4a8",
+        tree=None, levels=None,
     ) -> DecodeConfig:
         self.check_mode(mode)
         if draft not in DRAFT_PRECISIONS:
@@ -193,6 +194,14 @@ class Engine:
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
+        hs = {}
+        if mode == "hspec":
+            from qspec_jax.decoding import hspec  # noqa: PLC0415
+
+            try:
+                hs = dict(tree=hspec.check_tree(tree), levels=hspec.check_levels(levels))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         return DecodeConfig(
             mode=mode,
             # the static buffer bound; the real limit is passed to the program as an array
@@ -201,6 +210,7 @@ class Engine:
             eos_ids=tuple(self.config.eos_token_ids),
             gamma=gamma if mode == "qspec" else 0,
             draft_precision=draft if mode == "qspec" else "w4a4",
+            **hs,
         )
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):
@@ -264,12 +274,16 @@ class Engine:
         adaptive_gamma: bool = False,
         spec_max_active: int = 0,
         ignore_eos: bool = False,
+        tree=(4, 2, 1),
+        levels=("w4a4", "w4a8", "w4a16"),
     ) -> GenerationResult:
         """Generates continuations for a batch of prompts.
 
         Args:
             prompts: strings (tokenized, with the chat template when chat=True) or token-id lists.
-            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive) or "qspec".
+            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive), "qspec", or "hspec"
+                (SpecMQuant's hierarchy: a W4A4 draft tree, verified into a sequence by W4A8,
+                verified by W4A16; see `qspec_jax.decoding.hspec`).
             max_new_tokens: the most tokens generated per prompt.
             temperature: 0 for greedy; top_k / top_p filter the sampled distribution.
             seed: PRNG seed.
@@ -282,6 +296,10 @@ class Engine:
             spec_max_active: run plain W4A16 steps while more than this many sequences are
                 active (0 = always speculate).
             ignore_eos: generate exactly max_new_tokens (for benchmarks).
+            tree: hspec's draft tree, branching per depth (e.g. (4, 2, 1) or "4,2,1") or a
+                `qspec_jax.decoding.tree.TreeConfig`.
+            levels: hspec's precisions, cheapest first, ending in "w4a16": ("w4a4", "w4a8",
+                "w4a16"), ("w4a4", "w4a16") (tree straight into W4A16), ("w4a8", "w4a16").
 
         Returns:
             A GenerationResult. stats["compile_s"] is the wall time this call spent tracing,
@@ -293,7 +311,10 @@ class Engine:
             prompts = [prompts]
         if not prompts:
             raise UsageError("no prompts given: pass at least one prompt")
-        dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma, draft)
+        if mode == "hspec" and (adaptive_gamma or spec_max_active):
+            raise UsageError("adaptive_gamma and spec_max_active apply to qspec only, not hspec")
+        dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma, draft,
+                                 tree, levels)
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
         if mode == "qspec":
@@ -333,10 +354,11 @@ class Engine:
                 state.draft_accepted,
                 state.verify_steps,
                 state.spec_steps,
+                state.tree_accepted,
             )
         )
         wall = time.perf_counter() - t0
-        out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps = out
+        out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps, tree_acc = out
 
         tokens = [out_tokens[i, : num_gen[i]].tolist() for i in range(n)]
         reasons = [FINISH_NAMES[int(finish[i])] or "length" for i in range(n)]
@@ -367,6 +389,23 @@ class Engine:
                 verify_steps=v,
                 speculative_steps=int(spec_steps),
                 adaptive_gamma=dc.adaptive_gamma,
+            )
+        if mode == "hspec":
+            prop, acc = int(proposed[:n].sum()), int(accepted[:n].sum())
+            v = int(vsteps[:n].sum())
+            stats.update(
+                tree=list(dc.tree.parents),
+                tree_nodes=dc.tree.num_nodes,
+                tree_depth=dc.tree.depth,
+                levels=list(dc.levels),
+                # drafted tokens the tree verifier kept per step (three levels: W4A8's path)
+                tree_accepted_per_step=int(tree_acc[:n].sum()) / v if v else float("nan"),
+                # tokens handed to the last level (three levels: path + 1; two: tree depth)
+                draft_tokens_proposed=prop,
+                draft_tokens_accepted=acc,
+                acceptance_rate=acc / prop if prop else float("nan"),
+                mean_tokens_per_step=(total - n) / v if v else float("nan"),
+                verify_steps=v,
             )
         texts = [self.decode(t) for t in tokens]
         return GenerationResult(texts=texts, tokens=tokens, finish_reasons=reasons, stats=stats)

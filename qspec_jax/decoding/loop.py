@@ -36,10 +36,11 @@ from qspec_jax.decoding.sampling import (
     sample,
     sample_from_probs,
 )
+from qspec_jax.decoding.tree import TreeConfig
 from qspec_jax.model.llama import forward
 from qspec_jax.model.params import Params
 
-MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec")
+MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec", "hspec")
 MAX_GAMMA = 16
 # QSpec's drafter reads the same int4 weights with int4 or int8 activations (W4A8 runs on int8
 # units that every target has; Hopper has no int4 MMA).
@@ -55,7 +56,8 @@ class DecodeConfig:
     """Static decoding settings (hashable: a jit static argument).
 
     Attributes:
-        mode: "fp" | "w4a16" | "w4a4" | "w4a8" (autoregressive) or "qspec".
+        mode: "fp" | "w4a16" | "w4a4" | "w4a8" (autoregressive), "qspec", or "hspec"
+            (SpecMQuant's hierarchy, `qspec_jax.decoding.hspec`).
         max_new_tokens: the most tokens generated per sequence. When `generate` is also given
             a dynamic `max_new_tokens` array, this static value is only the upper bound that
             sizes the output buffer (the engine passes a power-of-two bucket here, so calls
@@ -72,6 +74,9 @@ class DecodeConfig:
         spec_max_active: 0 = always speculate; otherwise a step in which more than this many
             sequences are still running is a plain verify-precision autoregressive step (at
             large batch the verifier is compute-bound and drafting stops paying).
+        tree: hspec's static draft tree (required for mode "hspec").
+        levels: hspec's precisions, cheapest first: the tree drafter, (the tree verifier,) the
+            sequence verifier, e.g. ("w4a4", "w4a8", "w4a16") or ("w4a4", "w4a16").
     """
 
     mode: str = "fp"
@@ -84,6 +89,8 @@ class DecodeConfig:
     impl: str | None = None
     adaptive_gamma: bool = False
     spec_max_active: int = 0
+    tree: TreeConfig | None = None
+    levels: tuple[str, ...] = ("w4a4", "w4a8", "w4a16")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -97,6 +104,13 @@ class DecodeConfig:
                 raise ValueError(
                     f"unknown {what} precision {prec!r}; expected one of {', '.join(PRECISIONS)}"
                 )
+        if self.mode == "hspec":
+            from qspec_jax.decoding import hspec  # noqa: PLC0415
+
+            if self.tree is None:
+                raise ValueError("mode 'hspec' needs a draft tree, e.g. tree=(4, 2, 1)")
+            object.__setattr__(self, "tree", hspec.check_tree(self.tree))
+            object.__setattr__(self, "levels", hspec.check_levels(self.levels))
 
     @property
     def speculative(self) -> bool:
@@ -104,12 +118,18 @@ class DecodeConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        """Cache positions one step may write: 1, or gamma + 1 for QSpec."""
+        """Cache positions one step may write: 1, gamma + 1 for QSpec, the tree for hspec."""
+        if self.mode == "hspec":
+            from qspec_jax.decoding.hspec import tokens_per_step  # noqa: PLC0415
+
+            return tokens_per_step(self.tree, self.levels)
         return self.gamma + 1 if self.speculative else 1
 
     @property
     def main_precision(self) -> str:
         """The precision of prefill and of the output distribution."""
+        if self.mode == "hspec":
+            return self.levels[-1]
         return self.verify_precision if self.speculative else self.mode
 
     @property
@@ -137,6 +157,7 @@ class DecodeState:
         gamma_cur: int32 [], the draft length of the next QSpec step (== gamma unless adaptive).
         spec_steps: int32 [], steps that drafted (the rest were plain autoregressive steps).
         max_new: int32 [], this call's max_new_tokens (a traced value <= dc.max_new_tokens).
+        tree_accepted: int32 [batch], hspec: drafted tokens the tree verifier accepted.
     """
 
     cache: KVCache
@@ -153,6 +174,7 @@ class DecodeState:
     gamma_cur: jnp.ndarray
     spec_steps: jnp.ndarray
     max_new: jnp.ndarray
+    tree_accepted: jnp.ndarray
 
 
 def _is_eos(tokens: jnp.ndarray, dc: DecodeConfig) -> jnp.ndarray:
@@ -221,6 +243,7 @@ def prefill(
         gamma_cur=jnp.asarray(max(dc.gamma, 1), jnp.int32),
         spec_steps=jnp.zeros((), jnp.int32),
         max_new=_limit(max_new_tokens, dc),
+        tree_accepted=zeros,
     )
     return _update_finish(state, _is_eos(first, dc), dc)
 
@@ -453,6 +476,10 @@ def qspec_step(
 
 def step(state: DecodeState, params: Params, cfg, qcfg, dc: DecodeConfig) -> DecodeState:
     """The one step function shared by the jitted loop and the Python loop."""
+    if dc.mode == "hspec":
+        from qspec_jax.decoding.hspec import hspec_step  # noqa: PLC0415
+
+        return hspec_step(state, params, cfg, qcfg, dc)
     if not dc.speculative:
         return ar_step(state, params, cfg, qcfg, dc)
     if dc.spec_max_active <= 0:

@@ -64,7 +64,7 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
 
 
 def attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_positions: jnp.ndarray
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_positions: jnp.ndarray, mask=None
 ) -> jnp.ndarray:
     """Causal grouped-query attention of new queries over the whole cache of one layer.
 
@@ -72,6 +72,7 @@ def attention(
         q: [batch, t, heads, head_dim] queries of the new tokens.
         k, v: [batch, capacity, kv_heads, head_dim] the layer's cache (new K/V already written).
         q_positions: int32 [batch, t], the position of each query; key j is visible iff j <= pos.
+        mask: optional bool [batch, t, capacity] replacing that causal rule (tree attention).
 
     Returns:
         [batch, t, heads * head_dim].
@@ -85,6 +86,8 @@ def attention(
     scores = scores / math.sqrt(hd)
     key_pos = jnp.arange(k.shape[1], dtype=jnp.int32)  # [capacity]
     visible = key_pos[None, None, :] <= q_positions[:, :, None]  # [batch, t, capacity]
+    if mask is not None:
+        visible = mask
     scores = jnp.where(visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # [batch, kv_heads, group, t, capacity]
     out = jnp.einsum(
@@ -105,8 +108,15 @@ def _block(
     qcfg: QuantConfig,
     precision: str,
     impl: str | None,
+    rope_pos: jnp.ndarray | None = None,
+    mask: jnp.ndarray | None = None,
 ):
-    """One decoder block; returns (x, cache_k, cache_v)."""
+    """One decoder block; returns (x, cache_k, cache_v).
+
+    K/V are written at slots `positions`; RoPE uses `rope_pos` when given (tree nodes), and
+    `mask` when given replaces causal visibility (see `attention`).
+    """
+    rope_pos = positions if rope_pos is None else rope_pos
     b, t, _ = x.shape
     with jax.named_scope("attention"):
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)  # [batch, t, D]
@@ -114,11 +124,11 @@ def _block(
         if lp.bqkv is not None:
             qkv = qkv + lp.bqkv.astype(qkv.dtype)
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), rope_pos, inv_freq)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), rope_pos, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [batch, t, kv_heads, hd]
         cache_k, cache_v = write_layer(cache_k, cache_v, layer, positions, k, v)
-        attn = attention(q, cache_k[layer], cache_v[layer], positions)  # [batch, t, q]
+        attn = attention(q, cache_k[layer], cache_v[layer], positions, mask)  # [batch, t, q]
         attn = online_hadamard(attn, qcfg, impl)
         x = x + linear(attn, lp.wo, precision, qcfg, impl)
     with jax.named_scope("mlp"):
@@ -146,6 +156,8 @@ def forward(
     *,
     logits_index: jnp.ndarray | None = None,
     impl: str | None = None,
+    rope_positions: jnp.ndarray | None = None,
+    attn_mask: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
     """Runs t new tokens per sequence through the model, writing their K/V into the cache.
 
@@ -164,6 +176,11 @@ def forward(
             `logits_index[b]` of each row are computed (returns [batch, V]), which avoids a
             [batch, t, V] tensor in prefill.
         impl: kernel implementation override (see `pallas_kernels.dispatch`).
+        rope_positions: optional int32 [batch, t] RoPE positions of the new tokens (default:
+            their slots); a draft tree uses base + depth (`qspec_jax.decoding.tree`).
+        attn_mask: optional bool [batch, t, capacity], which cache slots each new token sees
+            (default: causal, slot <= own slot); a draft tree sees the committed cache and its
+            ancestors.
 
     Returns:
         (logits float32 [batch, t, V] or [batch, V], cache with the new K/V written).
@@ -178,7 +195,21 @@ def forward(
         x, ck, cv = carry
         lp, layer = xs
         with jax.named_scope("block"):
-            x, ck, cv = _block(x, lp, layer, ck, cv, positions, inv_freq, cfg, qcfg, precision, impl)
+            x, ck, cv = _block(
+                x,
+                lp,
+                layer,
+                ck,
+                cv,
+                positions,
+                inv_freq,
+                cfg,
+                qcfg,
+                precision,
+                impl,
+                rope_positions,
+                attn_mask,
+            )
         return (x, ck, cv), None
 
     if isinstance(params.layers, tuple):  # per-layer arrays: unrolled (fastest on CPU)

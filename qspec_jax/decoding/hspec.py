@@ -1,0 +1,208 @@
+"""SpecMQuant's hierarchy on one int4 weight copy and one KV cache (`mode="hspec"`).
+
+One step, for every sequence of the batch at once:
+
+1. level 1 drafts a static tree (`qspec_jax.decoding.tree.TreeConfig`) in the cheapest precision
+   (default W4A4): one forward per depth over that depth's nodes, each node attending to the
+   committed cache and its ancestors, at RoPE position base + depth; the children of a node are
+   the drafter's top-k tokens there (greedy) or i.i.d. draws from its distribution (sampling).
+2. with three levels, level 2 (default W4A8) verifies the whole tree in ONE forward, overwriting
+   the tree's K/V, keeps the longest accepted root-to-node path and appends its own next token:
+   a sequence draft of n2 + 1 tokens.
+3. the last level (W4A16) verifies that sequence exactly as QSpec verifies its drafts: one
+   forward over [last token, sequence] at the contiguous positions base + 0..D+1, overwriting
+   their K/V; the accepted prefix plus the verifier's own next token is committed and the
+   length moves back past the rest.
+
+With two levels the tree goes straight to W4A16: the tree verification is the last level, and
+the accepted path's K/V are moved from the tree slots to contiguous positions
+(`tree.compact_path`). A chain tree, e.g. (1, 1, 1), makes level 1 a sequence drafter (W4A4
+sequence into W4A8 into W4A16).
+
+Exactness: every committed token is the last level's greedy choice (or, when sampling, drawn so
+that the output is distributed as the last level's sampling): the levels below only propose.
+For sampling, level 2 accepts the tree with multi-draft recursive rejection (its output sequence
+is distributed as autoregressive sampling from level 2), so the last level applies standard
+speculative sampling with q = level 2's distribution at each position of the sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qspec_jax.config import LlamaConfig, QuantConfig
+from qspec_jax.decoding import tree as tr
+from qspec_jax.decoding.sampling import filtered_probs, sample_from_probs
+from qspec_jax.model.llama import forward
+from qspec_jax.model.params import Params
+
+# Precisions a level may run in, cheapest first; the last level is the output precision.
+LEVEL_PRECISIONS = ("w4a4", "w4a8", "w4a16")
+MAX_TREE_DEPTH = 16
+
+
+def check_levels(levels) -> tuple[str, ...]:
+    """Validates a hierarchy's precisions; returns them as a tuple or raises ValueError.
+
+    Two or three of "w4a4" < "w4a8" < "w4a16", strictly increasing, ending in "w4a16" (the
+    precision whose greedy output the hierarchy reproduces).
+    """
+    if isinstance(levels, str):
+        levels = tuple(s.strip() for s in levels.split(","))
+    levels = tuple(levels)
+    bad = [lv for lv in levels if lv not in LEVEL_PRECISIONS]
+    if bad or len(levels) not in (2, 3) or levels[-1] != "w4a16":
+        raise ValueError(
+            f"levels {','.join(map(str, levels))!r} are not a hierarchy: give 2 or 3 of "
+            f"{', '.join(LEVEL_PRECISIONS)} from cheapest to w4a16, e.g. w4a4,w4a8,w4a16"
+        )
+    order = [LEVEL_PRECISIONS.index(lv) for lv in levels]
+    if any(b <= a for a, b in zip(order, order[1:])):
+        raise ValueError(
+            f"levels {','.join(levels)!r} must go from cheaper to more exact without repeats, "
+            "e.g. w4a4,w4a8,w4a16 or w4a4,w4a16"
+        )
+    return levels
+
+
+def check_tree(tree) -> tr.TreeConfig:
+    """A TreeConfig from a TreeConfig or branching factors per depth; raises ValueError."""
+    if isinstance(tree, str):
+        tree = tr.parse_branching(tree)
+    if not isinstance(tree, tr.TreeConfig):
+        try:
+            tree = tr.TreeConfig.from_branching(tuple(tree))
+        except TypeError:
+            raise ValueError(
+                f"tree {tree!r} is not a list of branching factors such as (4, 2, 1)"
+            ) from None
+    if tree.depth > MAX_TREE_DEPTH:
+        raise ValueError(f"tree depth must be at most {MAX_TREE_DEPTH}, got {tree.depth}")
+    return tree
+
+
+def tokens_per_step(tree: tr.TreeConfig, levels: tuple[str, ...]) -> int:
+    """Cache positions one step may write: the tree, or the sequence of the last level."""
+    return max(tree.num_nodes, tree.depth + 2) if len(levels) == 3 else tree.num_nodes
+
+
+def _tree_forward(params, tokens, cache, base, tree, start, stop, precision, cfg, qcfg, impl):
+    """Forward of tree nodes start..stop-1 (tokens [batch, stop - start]) at their tree slots."""
+    cap = cache.capacity
+    logits, cache = forward(
+        params,
+        tokens,
+        cache.replace(lengths=base + start),
+        cfg,
+        qcfg,
+        precision,
+        impl=impl,
+        rope_positions=tr.rope_positions(tree, base, start, stop),
+        attn_mask=tr.attention_mask(tree, base, start, stop, cap),
+    )  # [batch, stop - start, V]
+    return logits, cache.replace(lengths=base)
+
+
+def draft_tree(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
+    """Level 1: drafts the tree depth by depth in `dc.levels[0]`, writing its K/V.
+
+    Returns (cache, tokens int32 [batch, N] with tokens[:, 0] = last_token, q_probs float32
+    [batch, N, V] the drafter's distribution at each node (None when greedy), key).
+    """
+    tree, sc = dc.tree, dc.sampling
+    b = state.last_token.shape[0]
+    base = state.cache.lengths  # [batch]
+    tokens = jnp.zeros((b, tree.num_nodes), jnp.int32).at[:, 0].set(state.last_token)
+    q_probs = None if sc.greedy else jnp.zeros((b, tree.num_nodes, cfg.vocab_size), jnp.float32)
+    cache, key = state.cache, state.key
+    parents = np.asarray(tree.parents)
+    for d in range(tree.depth):
+        s, e = tree.depth_slice(d)
+        ns, ne = tree.depth_slice(d + 1)
+        with jax.named_scope(f"draft_depth{d}"):
+            logits, cache = _tree_forward(
+                params, tokens[:, s:e], cache, base, tree, s, e, dc.levels[0], cfg, qcfg, dc.impl
+            )  # [batch, e - s, V]
+            par = parents[ns:ne] - s  # [ne - ns] parent of each child, local to this depth
+            rank = tree.child_rank[ns:ne]  # [ne - ns]
+            if sc.greedy:
+                k = int(rank.max()) + 1
+                top = jax.lax.top_k(logits, k)[1]  # [batch, e - s, k]
+                child = top[:, par, rank]  # [batch, ne - ns]
+            else:
+                q = filtered_probs(logits, sc)  # [batch, e - s, V]
+                key, sub = jax.random.split(key)
+                child = sample_from_probs(q[:, par], sub)  # [batch, ne - ns] i.i.d. per child
+                q_probs = q_probs.at[:, s:e].set(q)
+            tokens = tokens.at[:, ns:ne].set(child.astype(jnp.int32))
+    return cache, tokens, q_probs, key
+
+
+def hspec_step(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
+    """One hierarchical round: tree draft, tree verify (-> sequence), sequence verify."""
+    from qspec_jax.decoding import loop  # noqa: PLC0415  (loop dispatches here)
+
+    tree, sc, levels = dc.tree, dc.sampling, dc.levels
+    n_nodes, depth = tree.num_nodes, tree.depth
+    base = state.cache.lengths  # [batch]
+    cache, tokens, q_probs, key = draft_tree(state, params, cfg, qcfg, dc)
+
+    with jax.named_scope("verify_tree"):  # level 2 (or the last level with two levels)
+        logits2, cache = _tree_forward(
+            params,
+            tokens,
+            cache,
+            base,
+            tree,
+            0,
+            n_nodes,
+            levels[-2 if len(levels) == 3 else -1],
+            cfg,
+            qcfg,
+            dc.impl,
+        )  # [batch, N, V]
+        key, sub = jax.random.split(key)
+        if sc.greedy:
+            n2, path, emitted = tr.accept_greedy(tree, tokens, logits2)
+            p2 = None
+        else:
+            p2 = filtered_probs(logits2, sc)  # [batch, N, V]
+            n2, path, emitted = tr.accept_sampling(tree, tokens, q_probs, p2, sub)
+    # emitted [batch, D + 1]: n2 accepted tree tokens, then the level's own next token
+
+    if len(levels) == 2:
+        cache = tr.compact_path(cache, base, path, n2)
+        n, n_emit, proposed = n2, n2 + 1, jnp.full_like(n2, depth)
+    else:
+        with jax.named_scope("verify_sequence"):  # level 3, as QSpec's verification
+            seq = jnp.concatenate([state.last_token[:, None], emitted], axis=1)  # [batch, D + 2]
+            m = n2 + 1  # [batch] draft tokens handed to the last level
+            logits3, cache = forward(
+                params, seq, cache, cfg, qcfg, levels[-1], impl=dc.impl
+            )  # [batch, D + 2, V]
+            key, sub = jax.random.split(key)
+            if sc.greedy:
+                n, emitted = loop.accept_greedy(seq, logits3, m[:, None])
+            else:
+                # q of sequence token i + 1 = level 2's distribution at path node i (i <= n2);
+                # zero rows past the draft make the residual there p itself (the bonus draw)
+                q_seq = jnp.take_along_axis(
+                    p2, jnp.maximum(path, 0)[:, :, None], axis=1
+                )  # [batch, D + 1, V]
+                real = jnp.arange(depth + 1)[None, :, None] < m[:, None, None]
+                q_seq = jnp.where(real, q_seq, 0.0)
+                p3 = filtered_probs(logits3, sc)  # [batch, D + 2, V]
+                n, emitted = loop.accept_sampling(seq, q_seq, p3, sub, m[:, None])
+        n_emit, proposed = n + 1, m
+
+    act = (~state.done).astype(jnp.int32)
+    state = state.replace(
+        key=key,
+        draft_proposed=state.draft_proposed + proposed * act,
+        draft_accepted=state.draft_accepted + n * act,
+        tree_accepted=state.tree_accepted + n2 * act,
+        spec_steps=state.spec_steps + 1,
+    )
+    return loop._commit(state, emitted, n_emit, cache, dc)
