@@ -1,7 +1,7 @@
 """The `qspec-jax` command line.
 
 Subcommands:
-    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec)
+    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec, quantspec)
     demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
     quantize   quantize once and write an orbax checkpoint under checkpoints/
     eval       score modes on math word problems, HumanEval pass@1 or held-out perplexity
@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-from qspec_jax.decoding.loop import MODES
+from qspec_jax.cache.protocol import KV_FORMATS
+from qspec_jax.decoding.loop import MODES, SPEC_MODES
 
 EXIT_USAGE = 2
 
@@ -107,12 +108,20 @@ def cmd_generate(args) -> int:
         raise CliError("no prompts: give --prompt TEXT or --prompts-file F.jsonl")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.kv_residual < 1:
+        raise CliError(f"--kv-residual must be >= 1, got {args.kv_residual}")
+    if args.mode == "quantspec" and args.kv_cache == "float":
+        raise CliError("--mode quantspec drafts from the int4 halves of the hierarchical cache: "
+                       "use --kv-cache hier (or --mode qspec with a float cache)")
+    if args.kv_cache == "hier" and args.devices is not None:
+        raise CliError("--kv-cache hier is not sharded yet: drop --devices")
     engine = load(args.model, quant=_default_quant(args.mode, args.quant), group_size=args.group_size,
                   progress=not args.json, mesh=_mesh(args))
     engine.check_mode(args.mode)
     res = engine.generate(
         prompts, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=not args.no_chat, gamma=args.gamma,
+        kv_cache=args.kv_cache, kv_residual=args.kv_residual,
     )
     if args.json:
         print(json.dumps(res.to_json()))
@@ -122,8 +131,9 @@ def cmd_generate(args) -> int:
             print(text)
         s = res.stats
         line = f"--- {s['tokens_generated']} tokens in {s['wall_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s ({args.mode})"
-        if args.mode == "qspec":
+        if args.mode in SPEC_MODES:
             line += f", acceptance {s['acceptance_rate']:.2f}, {s['mean_tokens_per_step']:.2f} tokens/step"
+        line += f", {s['kv_cache']} KV {s['kv_bytes_per_token'] / 1024:.1f} KiB/token"
         print(line)
     return 0
 
@@ -195,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help="a .jsonl file of {\"prompt\": ...} objects")
     g.add_argument("--mode", default="fp", choices=MODES)
-    g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
+    g.add_argument("--gamma", type=int, default=3, help="draft length (qspec, quantspec)")
+    g.add_argument("--kv-cache", default=None, choices=KV_FORMATS,
+                   help="KV cache format: float, or hier (QuantSpec int4/int8 + float buffer; "
+                        "default hier for quantspec, float otherwise)")
+    g.add_argument("--kv-residual", type=int, default=128,
+                   help="R of the hier cache: float buffer of up to 2R recent tokens")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

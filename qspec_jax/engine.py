@@ -18,8 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from qspec_jax.cache.kv_cache import KVCache
+from qspec_jax.cache.protocol import KV_FORMATS, make_cache
 from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
-from qspec_jax.decoding.loop import FINISH_NAMES, MAX_GAMMA, MODES, DecodeConfig, generate
+from qspec_jax.decoding.loop import (
+    FINISH_NAMES,
+    MAX_GAMMA,
+    MODES,
+    SPEC_MODES,
+    DecodeConfig,
+    generate,
+)
 from qspec_jax.decoding.sampling import SamplingConfig
 from qspec_jax.model.llama import forward
 from qspec_jax.model.params import Params, init_params, is_quantized, unstack_layers, weight_bytes
@@ -94,7 +102,7 @@ class Engine:
     def modes(self) -> tuple[str, ...]:
         """The generation modes this engine's weights support."""
         if is_quantized(self.params):
-            return ("w4a16", "w4a4", "w4a8", "qspec")
+            return ("w4a16", "w4a4", "w4a8", "qspec", "quantspec")
         return ("fp",)
 
     @property
@@ -146,7 +154,7 @@ class Engine:
         self.check_mode(mode)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if mode == "qspec" and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
+        if mode in SPEC_MODES and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
             raise UsageError(f"gamma must be an integer in 1..{MAX_GAMMA}, got {gamma!r}")
         try:
             sc = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
@@ -157,8 +165,28 @@ class Engine:
             max_new_tokens=max_new_tokens,
             sampling=sc,
             eos_ids=tuple(self.config.eos_token_ids),
-            gamma=gamma if mode == "qspec" else 0,
+            gamma=gamma if mode in SPEC_MODES else 0,
         )
+
+    def _check_kv_cache(self, mode: str, kv_cache, kv_residual, dc: DecodeConfig) -> str:
+        """The cache format for a request; UsageError (one sentence) for a bad combination."""
+        if kv_cache is None:
+            kv_cache = "hier" if mode == "quantspec" else "float"
+        if kv_cache not in KV_FORMATS:
+            raise UsageError(f"unknown kv_cache {kv_cache!r}: choose one of {', '.join(KV_FORMATS)}")
+        if mode == "quantspec" and kv_cache != "hier":
+            raise UsageError("mode 'quantspec' drafts from the int4 halves of the hierarchical cache: "
+                             "use kv_cache='hier' (or mode 'qspec' with a float cache)")
+        if kv_cache == "hier":
+            if self.mesh is not None:
+                raise NotImplementedError(
+                    "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)")
+            if not isinstance(kv_residual, int) or kv_residual < 1:
+                raise UsageError(f"kv_residual must be a positive integer, got {kv_residual!r}")
+            if dc.tokens_per_step - 1 > kv_residual:
+                raise UsageError(f"gamma {dc.gamma} is larger than kv_residual {kv_residual}: a "
+                                 "speculative step must fit the float buffer (use gamma <= R)")
+        return kv_cache
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):
         """Static shapes for a request: (batch bucket, prompt bucket, cache capacity)."""
@@ -180,7 +208,7 @@ class Engine:
 
     def compiled_generate(self, cache: KVCache, toks, lens, key, dc: DecodeConfig):
         """The AOT-compiled generation function for these arguments' shapes and shardings (cached)."""
-        ckey = (toks.shape, cache.capacity, dc)
+        ckey = (toks.shape, cache.capacity, jax.tree_util.tree_structure(cache), dc)
         if ckey not in self._compiled:
             t0 = time.perf_counter()
             fn = generate.lower(
@@ -204,12 +232,15 @@ class Engine:
         adaptive_gamma: bool = False,
         spec_max_active: int = 0,
         ignore_eos: bool = False,
+        kv_cache: str | None = None,
+        kv_residual: int = 128,
     ) -> GenerationResult:
         """Generates continuations for a batch of prompts.
 
         Args:
             prompts: strings (tokenized, with the chat template when chat=True) or token-id lists.
-            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive) or "qspec".
+            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive), "qspec" (W4A4 drafts) or
+                "quantspec" (W4A16 drafts reading the int4 halves of the hierarchical cache).
             max_new_tokens: the most tokens generated per prompt.
             temperature: 0 for greedy; top_k / top_p filter the sampled distribution.
             seed: PRNG seed.
@@ -219,6 +250,12 @@ class Engine:
             spec_max_active: run plain W4A16 steps while more than this many sequences are
                 active (0 = always speculate).
             ignore_eos: generate exactly max_new_tokens (for benchmarks).
+            kv_cache: "float" (default; a dense cache in the activation dtype) or "hier"
+                (QuantSpec's int4/int8 hierarchical cache: drafts read int4 KV, the verifier and
+                autoregressive steps int8 KV, plus a float buffer); "quantspec" needs "hier"
+                and defaults to it.
+            kv_residual: R of the hierarchical cache (float buffer of up to 2R tokens); a
+                speculative step needs gamma <= R.
 
         Returns:
             A GenerationResult.
@@ -228,9 +265,10 @@ class Engine:
         if not prompts:
             raise UsageError("no prompts given: pass at least one prompt")
         dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma)
+        kv_cache = self._check_kv_cache(mode, kv_cache, kv_residual, dc)
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
-        if mode == "qspec":
+        if mode in SPEC_MODES:
             dc = dataclasses.replace(dc, adaptive_gamma=bool(adaptive_gamma),
                                      spec_max_active=int(spec_max_active))
         token_lists = self.encode(prompts, chat=chat)
@@ -242,7 +280,8 @@ class Engine:
         for i, t in enumerate(padded):
             toks[i, : len(t)] = t
         lens = np.asarray([len(t) for t in padded], np.int32)
-        cache = KVCache.init(self.config, batch, capacity)
+        cache = make_cache(kv_cache, self.config, batch, capacity, residual=kv_residual,
+                           step_tokens=dc.tokens_per_step)
         toks, lens = jnp.asarray(toks), jnp.asarray(lens)
         if self.mesh is not None:
             from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415
@@ -259,6 +298,7 @@ class Engine:
             (state.out_tokens, state.num_generated, state.finish, state.steps,
              state.draft_proposed, state.draft_accepted, state.verify_steps, state.spec_steps)
         )
+        final_lengths = jax.device_get(state.cache.lengths)
         wall = time.perf_counter() - t0
         out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps = out
 
@@ -274,8 +314,12 @@ class Engine:
             "compile_s": compile_s,
             "prompt_tokens": int(sum(len(t) for t in token_lists)),
             "steps": int(steps),
+            "kv_cache": kv_cache,
+            # bytes of K/V per token held at the end (hier: codes + scales + float buffer)
+            "kv_bytes_per_token": type(state.cache).kv_bytes(state.cache, final_lengths[:n])
+            / max(int(final_lengths[:n].sum()), 1),
         }
-        if mode == "qspec":
+        if mode in SPEC_MODES:
             prop, acc = int(proposed[:n].sum()), int(accepted[:n].sum())
             v = int(vsteps[:n].sum())
             stats.update(
