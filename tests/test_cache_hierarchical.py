@@ -147,7 +147,7 @@ def _check_state(cache: HierKVCache, truth_k, truth_v, ref: HierKVCache | None =
         np.asarray(cache.buf_start), np.asarray(float_start(jnp.asarray(lens), r))
     )
     assert (lens - np.asarray(cache.buf_start) <= 2 * r).all()
-    kb, vb = np.asarray(cache.k_buf), np.asarray(cache.v_buf)
+    kb, vb = (np.asarray(x) for x in cache.linear_buffer())  # index i = position buf_start + i
     for bi, n in enumerate(lens):
         s = int(cache.buf_start[bi])
         # the float buffer holds exactly the verified values of [buf_start, length)
@@ -175,7 +175,9 @@ def _check_state(cache: HierKVCache, truth_k, truth_v, ref: HierKVCache | None =
                     np.asarray(getattr(ref, name))[:, bi, :g],
                     err_msg=name,
                 )
-            np.testing.assert_array_equal(kb[:, bi, : n - s], np.asarray(ref.k_buf)[:, bi, : n - s])
+            np.testing.assert_array_equal(
+                kb[:, bi, : n - s], np.asarray(ref.linear_buffer()[0])[:, bi, : n - s]
+            )
 
 
 @settings(max_examples=25, deadline=None)

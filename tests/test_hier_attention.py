@@ -34,7 +34,7 @@ def _dense_reference(cache: HierKVCache, layer, q, positions, view):
     every other j <= p from the float buffer.
     """
     kq, vq = (np.asarray(a, np.float64) for a in dequantize_layer(cache, layer, view))
-    kb, vb = np.asarray(cache.k_buf[layer], np.float64), np.asarray(cache.v_buf[layer], np.float64)
+    kb, vb = (np.asarray(x[layer], np.float64) for x in cache.linear_buffer())  # [b, buffer, ..]
     b, t, h, hd = q.shape
     kvh = kb.shape[2]
     out = np.zeros((b, t, h, hd))

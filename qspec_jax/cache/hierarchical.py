@@ -21,6 +21,8 @@ the tokens arrived: one by one, in speculative blocks, or as a prompt):
   as soon as it is complete and verified; flushes never touch unverified draft entries);
 * buf_start = float_start(length) = R * max(0, ceil((length - 2R) / R)): the float buffer starts
   there and holds positions [buf_start, buf_start + buffer), so buf_start <= q_len <= length.
+  The buffer is a ring: position p lives at index p mod buffer (buffer a multiple of R), so a
+  flush moves no data, it only advances buf_start.
 
 **Which representation a query sees.** A query at position p reads key j from the quantized
 part iff j < float_start(p), else from the float buffer. This is exactly what autoregressive
@@ -71,7 +73,7 @@ class HierLayout:
         key_group: tokens per key quantization group (per channel); divides `residual`.
         block: tokens per attention block over the quantized part (a multiple of key_group).
         buffer_block: tokens per attention block over the float buffer (divides `residual`).
-        buffer: float buffer capacity in tokens (>= 2R + step_tokens, multiple of buffer_block).
+        buffer: float ring buffer capacity in tokens (>= 2R + step_tokens, a multiple of R).
         q_capacity: token capacity of the quantized part (= the cache's capacity; a multiple of
             `block` and of `residual`).
         step_tokens: the most positions one decoding step writes (gamma + 1, or 1); <= R + 1.
@@ -109,8 +111,8 @@ class HierLayout:
                 f"a step writing {step_tokens} positions needs residual >= {step_tokens - 1}: "
                 f"use gamma <= {residual} or a larger residual length"
             )
-        buffer_block = math.gcd(residual, 32)
-        buffer = _round_up(2 * residual + step_tokens, buffer_block)
+        buffer_block = math.gcd(residual, 128)
+        buffer = _round_up(2 * residual + step_tokens, residual)
         q_capacity = _round_up(max(capacity, 1), math.lcm(block, residual))
         return cls(residual, key_group, block, buffer_block, buffer, q_capacity, step_tokens)
 
@@ -187,11 +189,11 @@ class HierKVCache:
             per-channel key group scales (upper step) and minima.
         v_hi, v_lo: uint8 [layers, batch, q_capacity, kv_heads, head_dim // 2] value halves.
         v_scale, v_min: float32 [layers, batch, q_capacity, kv_heads] per-token value scales.
-        k_buf, v_buf: [layers, batch, buffer, kv_heads, head_dim] float buffer; index i holds
-            position buf_start[b] + i.
+        k_buf, v_buf: [layers, batch, buffer, kv_heads, head_dim] float ring buffer: position p
+            (buf_start[b] <= p < buf_start[b] + buffer) lives at index p mod buffer.
         lengths: int32 [batch] valid positions (verified, or during a step the draft's).
         q_len: int32 [batch] positions [0, q_len) hold quantized codes.
-        buf_start: int32 [batch] absolute position of buffer index 0.
+        buf_start: int32 [batch] the oldest position held in float (a multiple of R).
         layout: the static HierLayout.
     """
 
@@ -259,8 +261,9 @@ class HierKVCache:
         Positions [batch, t] outside the buffer (below buf_start or past its end) are dropped.
         Lengths are not changed (`commit` / `rollback` do that).
         """
-        idx = positions - self.buf_start[:, None]  # [batch, t] buffer indices
-        idx = jnp.where(idx < 0, self.layout.buffer, idx)  # -> dropped
+        nb = self.layout.buffer
+        rel = positions - self.buf_start[:, None]  # [batch, t]
+        idx = jnp.where((rel < 0) | (rel >= nb), nb, positions % nb)  # ring index, or dropped
         kb, vb = write_layer(self.k_buf, self.v_buf, jnp.asarray(layer), idx, k, v)
         return self.replace(k_buf=kb, v_buf=vb)
 
@@ -297,9 +300,11 @@ class HierKVCache:
             v_scale=self.v_scale.at[:, :, :n].set(vc[2]), v_min=self.v_min.at[:, :, :n].set(vc[3]),
         )  # fmt: skip
         start = float_start(lengths, lay.residual)  # [batch]
+        roll = start % lay.buffer  # ring: position start + j goes to index (start + j) mod buffer
+        ring = jax.vmap(lambda x, sh: jnp.roll(x, sh, axis=1), (1, 0), 1)
         return cache.replace(
-            k_buf=_take_tokens(sk, start, lay.buffer).astype(self.k_buf.dtype),
-            v_buf=_take_tokens(sv, start, lay.buffer).astype(self.v_buf.dtype),
+            k_buf=ring(_take_tokens(sk, start, lay.buffer), roll).astype(self.k_buf.dtype),
+            v_buf=ring(_take_tokens(sv, start, lay.buffer), roll).astype(self.v_buf.dtype),
             lengths=lengths,
             q_len=(lengths // lay.residual) * lay.residual,
             buf_start=start,
@@ -319,30 +324,27 @@ class HierKVCache:
         new_q = (lengths // r) * r
         n_chunks = (new_q - self.q_len) // r  # [batch] >= 0
 
-        def quantize_chunk(i, c: HierKVCache) -> HierKVCache:
+        names = ("k_hi", "k_lo", "k_scale", "k_min", "v_hi", "v_lo", "v_scale", "v_min")
+
+        def quantize_chunk(i, q):  # q: the 8 quantized arrays (the buffers are only read)
             do = i < n_chunks  # [batch]
             start = self.q_len + i * r  # [batch] absolute position of the chunk
-            off = start - self.buf_start  # [batch] its buffer index (>= 0 by the invariant)
-            kq = _quantize_keys(_take_tokens(c.k_buf, off, r), lay.key_group)
-            vq = _quantize_values(_take_tokens(c.v_buf, off, r))
+            off = start % lay.buffer  # [batch] its ring index (held: start >= buf_start)
+            kq = _quantize_keys(_take_tokens(self.k_buf, off, r), lay.key_group)
+            vq = _quantize_values(_take_tokens(self.v_buf, off, r))
             g = start // lay.key_group
-            return c.replace(
-                k_hi=_put_tokens(c.k_hi, start, kq[0], do), k_lo=_put_tokens(c.k_lo, start, kq[1], do),
-                k_scale=_put_tokens(c.k_scale, g, kq[2], do), k_min=_put_tokens(c.k_min, g, kq[3], do),
-                v_hi=_put_tokens(c.v_hi, start, vq[0], do), v_lo=_put_tokens(c.v_lo, start, vq[1], do),
-                v_scale=_put_tokens(c.v_scale, start, vq[2], do),
-                v_min=_put_tokens(c.v_min, start, vq[3], do),
-            )  # fmt: skip
+            at = (start, start, g, g, start, start, start, start)
+            return tuple(_put_tokens(x, o, u, do) for x, o, u in zip(q, at, kq + vq))
 
-        with jax.named_scope("hier_flush"):
-            cache = jax.lax.fori_loop(0, jnp.max(n_chunks), quantize_chunk, self)
-            new_start = jnp.maximum(float_start(lengths, r), self.buf_start)  # [batch]
-            shift = new_start - self.buf_start  # multiple of R, <= buffer
-            widths = ((0, 0), (0, 0), (0, lay.buffer), (0, 0), (0, 0))
-            k_buf = _take_tokens(jnp.pad(cache.k_buf, widths), shift, lay.buffer)
-            v_buf = _take_tokens(jnp.pad(cache.v_buf, widths), shift, lay.buffer)
-        return cache.replace(
-            k_buf=k_buf, v_buf=v_buf, lengths=lengths, q_len=jnp.maximum(new_q, self.q_len),
+        new_start = jnp.maximum(float_start(lengths, r), self.buf_start)  # [batch]
+
+        with jax.named_scope("hier_flush"):  # the work happens once per R tokens
+            q = jax.lax.fori_loop(
+                0, jnp.max(n_chunks), quantize_chunk, tuple(getattr(self, n) for n in names)
+            )
+        return self.replace(
+            **dict(zip(names, q)),
+            lengths=lengths, q_len=jnp.maximum(new_q, self.q_len),
             buf_start=new_start,
         )  # fmt: skip
 
@@ -370,42 +372,64 @@ class HierKVCache:
             jnp.zeros((b, kvh, t, h // kvh, hd), jnp.float32),  # running weighted values
         )
 
+        # One layer's arrays, sliced once: the block loop then carries [batch, ...] slices, not
+        # the whole [layers, ...] cache (which XLA would copy into every loop's state).
+        k_hi, v_hi = self.k_hi[layer], self.v_hi[layer]  # [b, q_capacity, kvh, hd/2]
+        k_lo, v_lo = (self.k_lo[layer], self.v_lo[layer]) if view == "target" else (None, None)
+        k_scale, k_min = self.k_scale[layer], self.k_min[layer]  # [b, q_capacity / G, kvh, hd]
+        v_scale, v_min = self.v_scale[layer], self.v_min[layer]  # [b, q_capacity, kvh]
+
         def q_block(i, st):
             c, g = lay.block, lay.block // lay.key_group
             start = i * c
-            k_hi = unpack_nibbles(_layer_slice(self.k_hi, layer, start, c))  # [b, c, kvh, hd]
-            v_hi = unpack_nibbles(_layer_slice(self.v_hi, layer, start, c))
-            k_lo = v_lo = None
-            if view == "target":
-                k_lo = unpack_nibbles(_layer_slice(self.k_lo, layer, start, c)) - 8
-                v_lo = unpack_nibbles(_layer_slice(self.v_lo, layer, start, c)) - 8
-            k_s = jnp.repeat(_layer_slice(self.k_scale, layer, i * g, g), lay.key_group, axis=1)
-            k_m = jnp.repeat(_layer_slice(self.k_min, layer, i * g, g), lay.key_group, axis=1)
-            k = dequantize(k_hi, k_lo, k_s, k_m)  # [b, c, kvh, hd] one block only
-            v_s = _layer_slice(self.v_scale, layer, start, c)[..., None]  # [b, c, kvh, 1]
-            v_m = _layer_slice(self.v_min, layer, start, c)[..., None]
-            v = dequantize(v_hi, v_lo, v_s, v_m)  # [b, c, kvh, hd]
+
+            def codes(hi, lo):  # 16 u (+ l) of one block, [b, c, kvh, hd]
+                u = unpack_nibbles(jax.lax.dynamic_slice_in_dim(hi, start, c, axis=1))
+                if lo is None:
+                    return u, None
+                return u, unpack_nibbles(jax.lax.dynamic_slice_in_dim(lo, start, c, axis=1)) - 8
+
+            kc = codes(k_hi, k_lo)
+            vc = codes(v_hi, v_lo)
+            k_s = jnp.repeat(jax.lax.dynamic_slice_in_dim(k_scale, i * g, g, 1), lay.key_group, 1)
+            k_m = jnp.repeat(jax.lax.dynamic_slice_in_dim(k_min, i * g, g, 1), lay.key_group, 1)
+            k = dequantize(kc[0], kc[1], k_s, k_m)  # [b, c, kvh, hd] one block only
+            v_s = jax.lax.dynamic_slice_in_dim(v_scale, start, c, 1)[..., None]  # [b, c, kvh, 1]
+            v_m = jax.lax.dynamic_slice_in_dim(v_min, start, c, 1)[..., None]
+            v = dequantize(vc[0], vc[1], v_s, v_m)  # [b, c, kvh, hd]
             pos = start + jnp.arange(c, dtype=jnp.int32)  # [c]
             mask = pos[None, None, :] < cut[:, :, None]  # [b, t, c]
-            return _online_update(st, qg, k, v, mask)
-
-        def f_block(i, st):
-            c = lay.buffer_block
-            k = _layer_slice(self.k_buf, layer, i * c, c)  # [b, c, kvh, hd]
-            v = _layer_slice(self.v_buf, layer, i * c, c)
-            pos = self.buf_start[:, None] + i * c + jnp.arange(c, dtype=jnp.int32)  # [b, c]
-            p = pos[:, None, :]  # [b, 1, c]
-            mask = (p >= cut[:, :, None]) & (p <= q_positions[:, :, None])  # [b, t, c]
             return _online_update(st, qg, k, v, mask)
 
         with jax.named_scope("hier_attention"):
             n_q = (jnp.max(cut) + lay.block - 1) // lay.block  # blocks holding any quantized key
             state = jax.lax.fori_loop(0, n_q, q_block, state)
-            span = jnp.max(q_positions - self.buf_start[:, None]) // lay.buffer_block + 1
-            n_f = jnp.minimum(span, lay.buffer // lay.buffer_block)
-            _, denom, acc = jax.lax.fori_loop(0, n_f, f_block, state)
+            k_buf, v_buf = self.k_buf[layer], self.v_buf[layer]  # [b, buffer, kvh, hd] ring
+            c = lay.buffer_block
+            nb = lay.buffer // c
+            take = jax.vmap(lambda x, o: jax.lax.dynamic_slice_in_dim(x, o, c, axis=0))
+            for i in range(nb):  # a few static blocks; empty ones are no-ops
+                first = self.buf_start + i * c  # [b] absolute position of the block
+                ring_off = first % lay.buffer  # contiguous: c divides R divides buffer
+                pos = first[:, None] + jnp.arange(c, dtype=jnp.int32)  # [b, c]
+                p = pos[:, None, :]  # [b, 1, c]
+                mask = (p >= cut[:, :, None]) & (p <= q_positions[:, :, None])  # [b, t, c]
+                state = _online_update(
+                    state, qg, take(k_buf, ring_off), take(v_buf, ring_off), mask
+                )
+            _, denom, acc = state
             out = acc / denom[..., None]  # [b, kvh, t, group, hd]
         return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd).astype(q.dtype)
+
+    def linear_buffer(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The float buffer in position order: index i holds position buf_start + i.
+
+        Returns:
+            (k, v) [layers, batch, buffer, kv_heads, head_dim] (for tests and debugging).
+        """
+        roll = jax.vmap(lambda x, sh: jnp.roll(x, -sh, axis=1), (1, 0), 1)
+        shift = self.buf_start % self.layout.buffer
+        return roll(self.k_buf, shift), roll(self.v_buf, shift)
 
     # ---------------------------------------------------------------- memory
 
@@ -492,13 +516,6 @@ def _online_update(state, qg, k, v, mask):
     vb = jnp.broadcast_to(v.transpose(0, 2, 1, 3)[:, :, None].astype(jnp.float32), bshape)
     pv = jnp.einsum("bktgc,bktcd->bktgd", p, vb, preferred_element_type=jnp.float32)
     return m_new, denom, alpha[..., None] * acc + pv
-
-
-def _layer_slice(x: jnp.ndarray, layer: jnp.ndarray, start, size: int) -> jnp.ndarray:
-    """x[layer, :, start:start + size] of a [layers, batch, n, ...] array (dynamic indices)."""
-    idx = (layer, 0, start) + (0,) * (x.ndim - 3)
-    sizes = (1, x.shape[1], size) + x.shape[3:]
-    return jax.lax.dynamic_slice(x, idx, sizes)[0]
 
 
 def _take_tokens(x: jnp.ndarray, offsets: jnp.ndarray, n: int) -> jnp.ndarray:
