@@ -1,7 +1,8 @@
 """The `qspec-jax` command line.
 
 Subcommands:
-    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec, hspec)
+    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec, quantspec,
+               hspec)
     demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
     quantize   quantize once and write an orbax checkpoint under checkpoints/
     eval       score modes on math word problems, HumanEval pass@1 or held-out perplexity
@@ -16,7 +17,8 @@ import json
 import os
 import sys
 
-from qspec_jax.decoding.loop import DRAFT_PRECISIONS, MODES
+from qspec_jax.cache.protocol import KV_FORMATS
+from qspec_jax.decoding.loop import DRAFT_PRECISIONS, MODES, SPEC_MODES
 
 EXIT_USAGE = 2
 
@@ -139,6 +141,13 @@ def cmd_generate(args) -> int:
         raise CliError("no prompts: give --prompt TEXT or --prompts-file F.jsonl")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.kv_residual < 1:
+        raise CliError(f"--kv-residual must be >= 1, got {args.kv_residual}")
+    if args.mode == "quantspec" and args.kv_cache == "float":
+        raise CliError("--mode quantspec drafts from the int4 halves of the hierarchical cache: "
+                       "use --kv-cache hier (or --mode qspec with a float cache)")
+    if args.kv_cache == "hier" and args.devices is not None:
+        raise CliError("--kv-cache hier is not sharded yet: drop --devices")
     if args.mode == "hspec":  # checked before the model is loaded
         from qspec_jax.decoding import hspec  # noqa: PLC0415
 
@@ -169,6 +178,8 @@ def cmd_generate(args) -> int:
         draft=args.draft,
         tree=args.tree,
         levels=args.levels,
+        kv_cache=args.kv_cache,
+        kv_residual=args.kv_residual,
     )
     if args.json:
         print(json.dumps(res.to_json()))
@@ -178,13 +189,14 @@ def cmd_generate(args) -> int:
             print(text)
         s = res.stats
         line = f"--- {s['tokens_generated']} tokens in {s['wall_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s ({args.mode})"
-        if args.mode == "qspec":
-            line += (f", draft {s['draft']}, acceptance {s['acceptance_rate']:.2f}, "
+        if args.mode in SPEC_MODES:
+            line += (f"{', draft ' + s['draft'] if 'draft' in s else ''}, acceptance {s['acceptance_rate']:.2f}, "
                      f"{s['mean_tokens_per_step']:.2f} tokens/step")
         if args.mode == "hspec":
             line += (f", tree {args.tree} ({s['tree_nodes']} nodes), levels {','.join(s['levels'])}, "
                      f"{s['tree_accepted_per_step']:.2f} tree tokens kept/step, "
                      f"{s['mean_tokens_per_step']:.2f} tokens/step")
+        line += f", {s['kv_cache']} KV {s['kv_bytes_per_token'] / 1024:.1f} KiB/token"
         print(line)
     return 0
 
@@ -293,13 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help='a .jsonl file of {"prompt": ...} objects')
     g.add_argument("--mode", default="fp", choices=MODES)
-    g.add_argument("--gamma", type=int, default=3, help="QSpec draft length")
+    g.add_argument("--gamma", type=int, default=3, help="draft length (qspec, quantspec)")
     g.add_argument("--draft", default="w4a8", choices=DRAFT_PRECISIONS,
                    help="QSpec draft precision over the same int4 weights")
     g.add_argument("--tree", default="4,2,1",
                    help="hspec draft tree: children per node at each depth, e.g. 4,2,1")
     g.add_argument("--levels", default="w4a4,w4a8,w4a16",
                    help="hspec precisions, cheapest first, ending in w4a16 (e.g. w4a4,w4a16)")
+    g.add_argument("--kv-cache", default=None, choices=KV_FORMATS,
+                   help="KV cache format: float, or hier (QuantSpec int4/int8 + float buffer; "
+                        "default hier for quantspec, float otherwise)")
+    g.add_argument("--kv-residual", type=int, default=128,
+                   help="R of the hier cache: float buffer of up to 2R recent tokens")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

@@ -24,12 +24,14 @@ import numpy as np
 
 from qspec_jax import disk_cache
 from qspec_jax.cache.kv_cache import KVCache
+from qspec_jax.cache.protocol import KV_FORMATS, make_cache
 from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
 from qspec_jax.decoding.loop import (
     DRAFT_PRECISIONS,
     FINISH_NAMES,
     MAX_GAMMA,
     MODES,
+    SPEC_MODES,
     DecodeConfig,
     generate,
 )
@@ -127,7 +129,7 @@ class Engine:
     def modes(self) -> tuple[str, ...]:
         """The generation modes this engine's weights support."""
         if is_quantized(self.params):
-            return ("w4a16", "w4a4", "w4a8", "qspec", "hspec")
+            return ("w4a16", "w4a4", "w4a8", "qspec", "quantspec", "hspec")
         return ("fp",)
 
     @property
@@ -186,7 +188,7 @@ class Engine:
             )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if mode == "qspec" and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
+        if mode in SPEC_MODES and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
             raise UsageError(f"gamma must be an integer in 1..{MAX_GAMMA}, got {gamma!r}")
         try:
             sc = SamplingConfig(
@@ -208,10 +210,32 @@ class Engine:
             max_new_tokens=_bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET),
             sampling=sc,
             eos_ids=tuple(self.config.eos_token_ids),
-            gamma=gamma if mode == "qspec" else 0,
+            gamma=gamma if mode in SPEC_MODES else 0,
             draft_precision=draft if mode == "qspec" else "w4a4",
             **hs,
         )
+
+    def _check_kv_cache(self, mode: str, kv_cache, kv_residual, dc: DecodeConfig) -> str:
+        """The cache format for a request; UsageError (one sentence) for a bad combination."""
+        if kv_cache is None:
+            kv_cache = "hier" if mode == "quantspec" else "float"
+        if kv_cache not in KV_FORMATS:
+            raise UsageError(f"unknown kv_cache {kv_cache!r}: choose one of {', '.join(KV_FORMATS)}")
+        if mode == "quantspec" and kv_cache != "hier":
+            raise UsageError("mode 'quantspec' drafts from the int4 halves of the hierarchical cache: "
+                             "use kv_cache='hier' (or mode 'qspec' with a float cache)")
+        if mode == "hspec" and kv_cache == "hier":
+            raise UsageError("mode 'hspec' verifies trees, which need kv_cache='float'")
+        if kv_cache == "hier":
+            if self.mesh is not None:
+                raise NotImplementedError(
+                    "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)")
+            if not isinstance(kv_residual, int) or kv_residual < 1:
+                raise UsageError(f"kv_residual must be a positive integer, got {kv_residual!r}")
+            if dc.tokens_per_step - 1 > kv_residual:
+                raise UsageError(f"gamma {dc.gamma} is larger than kv_residual {kv_residual}: a "
+                                 "speculative step must fit the float buffer (use gamma <= R)")
+        return kv_cache
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):
         """Static shapes for a request: (batch bucket, prompt bucket, cache capacity)."""
@@ -246,7 +270,7 @@ class Engine:
             the executable; compile_s is then tracing + lowering + reading it) or "compiled"
             (XLA compiled it now).
         """
-        ckey = (toks.shape, cache.capacity, dc)
+        ckey = (toks.shape, cache.capacity, jax.tree_util.tree_structure(cache), dc)
         if ckey in self._compiled:
             return self._compiled[ckey], 0.0, "memory"
         hits = disk_cache.persistent_cache_hits()
@@ -276,14 +300,17 @@ class Engine:
         ignore_eos: bool = False,
         tree=(4, 2, 1),
         levels=("w4a4", "w4a8", "w4a16"),
+        kv_cache: str | None = None,
+        kv_residual: int = 128,
     ) -> GenerationResult:
         """Generates continuations for a batch of prompts.
 
         Args:
             prompts: strings (tokenized, with the chat template when chat=True) or token-id lists.
-            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive), "qspec", or "hspec"
-                (SpecMQuant's hierarchy: a W4A4 draft tree, verified into a sequence by W4A8,
-                verified by W4A16; see `qspec_jax.decoding.hspec`).
+            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive), "qspec" (drafts in `draft`),
+                "quantspec" (W4A16 drafts reading the int4 halves of the hierarchical cache) or
+                "hspec" (SpecMQuant's hierarchy: a W4A4 draft tree, verified into a sequence by
+                W4A8, verified by W4A16; see `qspec_jax.decoding.hspec`).
             max_new_tokens: the most tokens generated per prompt.
             temperature: 0 for greedy; top_k / top_p filter the sampled distribution.
             seed: PRNG seed.
@@ -300,6 +327,12 @@ class Engine:
                 `qspec_jax.decoding.tree.TreeConfig`.
             levels: hspec's precisions, cheapest first, ending in "w4a16": ("w4a4", "w4a8",
                 "w4a16"), ("w4a4", "w4a16") (tree straight into W4A16), ("w4a8", "w4a16").
+            kv_cache: "float" (default; a dense cache in the activation dtype) or "hier"
+                (QuantSpec's int4/int8 hierarchical cache: drafts read int4 KV, the verifier and
+                autoregressive steps int8 KV, plus a float buffer); "quantspec" needs "hier"
+                and defaults to it.
+            kv_residual: R of the hierarchical cache (float buffer of up to 2R tokens); a
+                speculative step needs gamma <= R.
 
         Returns:
             A GenerationResult. stats["compile_s"] is the wall time this call spent tracing,
@@ -315,9 +348,10 @@ class Engine:
             raise UsageError("adaptive_gamma and spec_max_active apply to qspec only, not hspec")
         dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma, draft,
                                  tree, levels)
+        kv_cache = self._check_kv_cache(mode, kv_cache, kv_residual, dc)
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
-        if mode == "qspec":
+        if mode in SPEC_MODES:
             dc = dataclasses.replace(
                 dc, adaptive_gamma=bool(adaptive_gamma), spec_max_active=int(spec_max_active)
             )
@@ -330,7 +364,8 @@ class Engine:
         for i, t in enumerate(padded):
             toks[i, : len(t)] = t
         lens = np.asarray([len(t) for t in padded], np.int32)
-        cache = KVCache.init(self.config, batch, capacity)
+        cache = make_cache(kv_cache, self.config, batch, capacity, residual=kv_residual,
+                           step_tokens=dc.tokens_per_step)
         toks, lens = jnp.asarray(toks), jnp.asarray(lens)
         if self.mesh is not None:
             from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415
@@ -357,6 +392,7 @@ class Engine:
                 state.tree_accepted,
             )
         )
+        final_lengths = jax.device_get(state.cache.lengths)
         wall = time.perf_counter() - t0
         out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps, tree_acc = out
 
@@ -374,8 +410,12 @@ class Engine:
             "max_new_tokens_bucket": dc.max_new_tokens,
             "prompt_tokens": int(sum(len(t) for t in token_lists)),
             "steps": int(steps),
+            "kv_cache": kv_cache,
+            # bytes of K/V per token held at the end (hier: codes + scales + float buffer)
+            "kv_bytes_per_token": type(state.cache).kv_bytes(state.cache, final_lengths[:n])
+            / max(int(final_lengths[:n].sum()), 1),
         }
-        if mode == "qspec":
+        if mode in SPEC_MODES:
             prop, acc = int(proposed[:n].sum()), int(accepted[:n].sum())
             v = int(vsteps[:n].sum())
             stats.update(

@@ -51,6 +51,49 @@ class KVCache:
         """Shape/dtype structs of `init` (for tracing and export without allocating)."""
         return jax.eval_shape(lambda: cls.init(cfg, batch, capacity, dtype))
 
+    # ---------------------------------------------------------------- the cache-format protocol
+    # (see `qspec_jax.cache.protocol`; these are what the model and the decoding loop call)
+
+    def write_layer(self, layer, positions: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> KVCache:
+        """Writes k, v [batch, t, kv_heads, head_dim] of `layer` at positions [batch, t]."""
+        ck, cv = write_layer(self.k, self.v, jnp.asarray(layer), positions, k, v)
+        return self.replace(k=ck, v=cv)
+
+    def attend(self, layer, q: jnp.ndarray, q_positions: jnp.ndarray, view: str = "target",
+               mask: jnp.ndarray | None = None):
+        """Causal attention of q [batch, t, heads, head_dim] over `layer` -> [batch, t, q_size].
+
+        The float cache has one view: `view` ("target" or "draft") changes nothing. `mask`
+        (bool [batch, t, capacity]) replaces the causal rule when given (tree attention).
+        """
+        from qspec_jax.model.attention import attention  # noqa: PLC0415
+
+        return attention(q, self.k[layer], self.v[layer], q_positions, mask)
+
+    def prefill_cache(self, prompt_len: int) -> KVCache:
+        """The cache a padded prompt of `prompt_len` tokens is run on: this one, emptied."""
+        del prompt_len
+        return set_lengths(self, jnp.zeros_like(self.lengths))
+
+    def finish_prefill(self, scratch: KVCache, lengths: jnp.ndarray) -> KVCache:
+        """The cache after prefill: `scratch` (this cache, prompt K/V written) with `lengths`."""
+        return set_lengths(scratch, lengths)
+
+    def commit(self, lengths: jnp.ndarray) -> KVCache:
+        """Sets the verified lengths [batch] after a decoding step (nothing to flush here)."""
+        return set_lengths(self, lengths)
+
+    def kv_bytes(self, lengths) -> int:
+        """Bytes of K/V holding sequences of these lengths (float: every token in full)."""
+        per_token = 2 * self.k.shape[0] * self.k.shape[3] * self.k.shape[4] * self.k.dtype.itemsize
+        return int(per_token * int(sum(int(n) for n in lengths)))
+
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of K/V one token costs (all layers, keys and values)."""
+        return float(
+            2 * self.k.shape[0] * self.k.shape[3] * self.k.shape[4] * self.k.dtype.itemsize
+        )
+
 
 def write_layer(
     cache_k: jnp.ndarray,

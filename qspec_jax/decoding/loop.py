@@ -7,12 +7,18 @@ same `step` runs in a plain Python loop (`generate_python`) for debugging.
 Two step kinds share the state:
 
 * autoregressive (`mode` in fp / w4a16 / w4a4 / w4a8): one token per sequence per step;
-* QSpec (`mode="qspec"`): draft gamma tokens in the draft precision (W4A4), writing their K/V into
+* speculative (`mode="qspec"` or `"quantspec"`): draft gamma tokens in the draft precision (W4A4), writing their K/V into
   the shared cache; verify the last committed token plus the gamma drafts in ONE forward in the
   verify precision (W4A16), which overwrites those gamma + 1 K/V entries; accept the longest
   matching prefix (or, when sampling, speculative sampling's min(1, p/q) rule), append the
   verifier's own next token, and roll the cache length back past the rejected drafts. Every
-  sequence accepts its own number of tokens each step.
+  sequence accepts its own number of tokens each step. QSpec drafts in W4A4; QuantSpec drafts in
+  the verify precision itself and gets its speed from the draft view of a hierarchical cache
+  (int4 KV, `qspec_jax.cache.hierarchical`). Drafts always read the cache's "draft" view, the
+  verifier and autoregressive steps its "target" view (the float cache has one view).
+
+The cache format is the cache object's own (any `qspec_jax.cache.protocol.CacheFormat`): the
+loop calls `prefill_cache` / `finish_prefill` around the prompt and `commit` after each step.
 
 Invariant between steps: for each sequence, `cache.lengths[b]` positions hold verified K/V
 (prompt + committed tokens except the last), and `last_token[b]` is the last committed token,
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from qspec_jax.cache.kv_cache import KVCache, set_lengths
+from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import PRECISIONS, LlamaConfig, QuantConfig
 from qspec_jax.decoding.sampling import (
     SamplingConfig,
@@ -40,7 +46,8 @@ from qspec_jax.decoding.tree import TreeConfig
 from qspec_jax.model.llama import forward
 from qspec_jax.model.params import Params
 
-MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec", "hspec")
+MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec", "quantspec", "hspec")
+SPEC_MODES = ("qspec", "quantspec")
 MAX_GAMMA = 16
 # QSpec's drafter reads the same int4 weights with int4 or int8 activations (W4A8 runs on int8
 # units that every target has; Hopper has no int4 MMA).
@@ -56,8 +63,10 @@ class DecodeConfig:
     """Static decoding settings (hashable: a jit static argument).
 
     Attributes:
-        mode: "fp" | "w4a16" | "w4a4" | "w4a8" (autoregressive), "qspec", or "hspec"
-            (SpecMQuant's hierarchy, `qspec_jax.decoding.hspec`).
+        mode: "fp" | "w4a16" | "w4a4" | "w4a8" (autoregressive), "qspec" (draft in
+            draft_precision), "quantspec" (draft in verify_precision, reading the cache's
+            draft view: int4 KV on a hierarchical cache) or "hspec" (SpecMQuant's hierarchy,
+            `qspec_jax.decoding.hspec`).
         max_new_tokens: the most tokens generated per sequence. When `generate` is also given
             a dynamic `max_new_tokens` array, this static value is only the upper bound that
             sizes the output buffer (the engine passes a power-of-two bucket here, so calls
@@ -97,7 +106,7 @@ class DecodeConfig:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.mode == "qspec" and not 1 <= self.gamma <= MAX_GAMMA:
+        if self.mode in SPEC_MODES and not 1 <= self.gamma <= MAX_GAMMA:
             raise ValueError(f"gamma must be in 1..{MAX_GAMMA}, got {self.gamma}")
         for what, prec in (("draft", self.draft_precision), ("verify", self.verify_precision)):
             if prec not in PRECISIONS:  # the engine offers DRAFT_PRECISIONS for the draft
@@ -114,7 +123,12 @@ class DecodeConfig:
 
     @property
     def speculative(self) -> bool:
-        return self.mode == "qspec"
+        return self.mode in SPEC_MODES
+
+    @property
+    def draft_weights_precision(self) -> str:
+        """The drafts' activation precision: W4A4 for QSpec, the verifier's for QuantSpec."""
+        return self.verify_precision if self.mode == "quantspec" else self.draft_precision
 
     @property
     def tokens_per_step(self) -> int:
@@ -211,25 +225,20 @@ def prefill(
     and later steps overwrite them. `max_new_tokens` (int32 [], optional) is the dynamic limit,
     capped at the static `dc.max_new_tokens`.
     """
-    b = prompt_tokens.shape[0]
-    cache = set_lengths(cache, jnp.zeros((b,), jnp.int32))
+    b, t = prompt_tokens.shape
     with jax.named_scope("prefill"):
-        logits, cache = forward(
-            params,
-            prompt_tokens,
-            cache,
-            cfg,
-            qcfg,
-            dc.main_precision,
-            logits_index=prompt_lens - 1,
-            impl=dc.impl,
+        scratch = cache.prefill_cache(t)  # the float cache: itself, emptied
+        logits, scratch = forward(
+            params, prompt_tokens, scratch, cfg, qcfg, dc.main_precision,
+            logits_index=prompt_lens - 1, impl=dc.impl,
         )  # [batch, V]
+        cache = cache.finish_prefill(scratch, prompt_lens)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, dc.sampling)  # [batch]
     out = jnp.zeros((b, dc.out_len), jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros((b,), jnp.int32)
     state = DecodeState(
-        cache=set_lengths(cache, prompt_lens),
+        cache=cache,
         last_token=first,
         out_tokens=out,
         num_generated=jnp.ones((b,), jnp.int32),
@@ -282,7 +291,7 @@ def _commit(
     new_lengths = jnp.where(active, state.cache.lengths + count, state.cache.lengths)
     stopped = first_eos < count  # the EOS itself was committed
     state = state.replace(
-        cache=set_lengths(cache, new_lengths),
+        cache=cache.commit(new_lengths),
         last_token=jnp.where(active, last, state.last_token),
         out_tokens=out,
         num_generated=state.num_generated + count,
@@ -336,14 +345,8 @@ def _draft(state: DecodeState, params, cfg, qcfg, dc: DecodeConfig):
         tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
         cache = cache.replace(lengths=base + i)
         logits, cache = forward(
-            params,
-            tok,
-            cache,
-            cfg,
-            qcfg,
-            dc.draft_precision,
-            logits_index=jnp.zeros((b,), jnp.int32),
-            impl=dc.impl,
+            params, tok, cache, cfg, qcfg, dc.draft_weights_precision,
+            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl, kv_view="draft",
         )  # [batch, V]
         key, sub = jax.random.split(key)
         if sc.greedy:

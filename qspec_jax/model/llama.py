@@ -14,8 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qspec_jax.cache.kv_cache import KVCache, write_layer
+from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import LlamaConfig, QuantConfig
+from qspec_jax.model.attention import attention  # noqa: F401  (re-exported)
 from qspec_jax.model.linear import linear, online_hadamard
 from qspec_jax.model.params import LayerParams, Params
 
@@ -63,58 +64,26 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
     return out.astype(x.dtype)
 
 
-def attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_positions: jnp.ndarray, mask=None
-) -> jnp.ndarray:
-    """Causal grouped-query attention of new queries over the whole cache of one layer.
-
-    Args:
-        q: [batch, t, heads, head_dim] queries of the new tokens.
-        k, v: [batch, capacity, kv_heads, head_dim] the layer's cache (new K/V already written).
-        q_positions: int32 [batch, t], the position of each query; key j is visible iff j <= pos.
-        mask: optional bool [batch, t, capacity] replacing that causal rule (tree attention).
-
-    Returns:
-        [batch, t, heads * head_dim].
-    """
-    b, t, h, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, t, kvh, h // kvh, hd)  # [batch, t, kv_heads, group, hd]
-    scores = jnp.einsum(
-        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
-    )  # [batch, kv_heads, group, t, capacity]
-    scores = scores / math.sqrt(hd)
-    key_pos = jnp.arange(k.shape[1], dtype=jnp.int32)  # [capacity]
-    visible = key_pos[None, None, :] <= q_positions[:, :, None]  # [batch, t, capacity]
-    if mask is not None:
-        visible = mask
-    scores = jnp.where(visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)  # [batch, kv_heads, group, t, capacity]
-    out = jnp.einsum(
-        "bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )  # [batch, t, kv_heads, group, hd]
-    return out.reshape(b, t, h * hd).astype(q.dtype)
-
-
 def _block(
     x: jnp.ndarray,
     lp: LayerParams,
     layer: jnp.ndarray,
-    cache_k: jnp.ndarray,
-    cache_v: jnp.ndarray,
+    cache,
     positions: jnp.ndarray,
     inv_freq: jnp.ndarray,
     cfg: LlamaConfig,
     qcfg: QuantConfig,
     precision: str,
     impl: str | None,
+    kv_view: str = "target",
     rope_pos: jnp.ndarray | None = None,
     mask: jnp.ndarray | None = None,
 ):
-    """One decoder block; returns (x, cache_k, cache_v).
+    """One decoder block; returns (x, cache).
 
-    K/V are written at slots `positions`; RoPE uses `rope_pos` when given (tree nodes), and
-    `mask` when given replaces causal visibility (see `attention`).
+    `cache` is any cache format (`qspec_jax.cache.protocol.CacheFormat`): the block writes its new
+    K/V with `cache.write_layer` and attends with `cache.attend(..., kv_view)`. RoPE uses
+    `rope_pos` when given (tree nodes), and `mask` when given replaces causal visibility.
     """
     rope_pos = positions if rope_pos is None else rope_pos
     b, t, _ = x.shape
@@ -127,8 +96,8 @@ def _block(
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), rope_pos, inv_freq)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), rope_pos, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [batch, t, kv_heads, hd]
-        cache_k, cache_v = write_layer(cache_k, cache_v, layer, positions, k, v)
-        attn = attention(q, cache_k[layer], cache_v[layer], positions, mask)  # [batch, t, q]
+        cache = cache.write_layer(layer, positions, k, v)
+        attn = cache.attend(layer, q, positions, kv_view, mask)  # [batch, t, q]
         attn = online_hadamard(attn, qcfg, impl)
         x = x + linear(attn, lp.wo, precision, qcfg, impl)
     with jax.named_scope("mlp"):
@@ -137,7 +106,7 @@ def _block(
         act = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up  # [batch, t, F]
         act = online_hadamard(act, qcfg, impl)
         x = x + linear(act, lp.w_down, precision, qcfg, impl)
-    return x, cache_k, cache_v
+    return x, cache
 
 
 def lm_head(params: Params, x: jnp.ndarray) -> jnp.ndarray:
@@ -156,6 +125,7 @@ def forward(
     *,
     logits_index: jnp.ndarray | None = None,
     impl: str | None = None,
+    kv_view: str = "target",
     rope_positions: jnp.ndarray | None = None,
     attn_mask: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, KVCache]:
@@ -169,13 +139,15 @@ def forward(
     Args:
         params: model weights.
         tokens: int32 [batch, t].
-        cache: the shared KV cache.
+        cache: the shared KV cache (any format of `qspec_jax.cache.protocol`).
         cfg, qcfg: static model and quantization configs.
         precision: static "fp" | "w4a16" | "w4a4" | "w4a8".
         logits_index: optional int32 [batch]; if given only the logits of token
             `logits_index[b]` of each row are computed (returns [batch, V]), which avoids a
             [batch, t, V] tensor in prefill.
         impl: kernel implementation override (see `pallas_kernels.dispatch`).
+        kv_view: static "target" (every cache format's most exact view) or "draft" (the
+            hierarchical cache's upper int4 halves; the float cache has one view).
         rope_positions: optional int32 [batch, t] RoPE positions of the new tokens (default:
             their slots); a draft tree uses base + depth (`qspec_jax.decoding.tree`).
         attn_mask: optional bool [batch, t, capacity], which cache slots each new token sees
@@ -192,37 +164,26 @@ def forward(
         x = params.embed[tokens].astype(cfg.jnp_dtype)  # [batch, t, D]
 
     def body(carry, xs):
-        x, ck, cv = carry
+        x, c = carry
         lp, layer = xs
         with jax.named_scope("block"):
-            x, ck, cv = _block(
-                x,
-                lp,
-                layer,
-                ck,
-                cv,
-                positions,
-                inv_freq,
-                cfg,
-                qcfg,
-                precision,
-                impl,
-                rope_positions,
-                attn_mask,
+            x, c = _block(
+                x, lp, layer, c, positions, inv_freq, cfg, qcfg, precision, impl, kv_view,
+                rope_positions, attn_mask,
             )
-        return (x, ck, cv), None
+        return (x, c), None
 
     if isinstance(params.layers, tuple):  # per-layer arrays: unrolled (fastest on CPU)
-        carry = (x, cache.k, cache.v)
+        carry = (x, cache)
         for i, lp in enumerate(params.layers):
             carry, _ = body(carry, (lp, jnp.int32(i)))
-        x, ck, cv = carry
+        x, cache = carry
     else:  # stacked arrays: one compiled layer body
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params.layers, layer_ids))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (params.layers, layer_ids))
     with jax.named_scope("head"):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [batch, D]
         x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
         logits = lm_head(params, x)
-    return logits, cache.replace(k=ck, v=cv)
+    return logits, cache

@@ -1,0 +1,78 @@
+"""The small protocol every KV cache format implements, and the factory the engine uses.
+
+The model and the decoding loop never look inside a cache; they call these methods (all pure,
+each returning a new cache):
+
+* ``write_layer(layer, positions, k, v)``: store a layer's new K/V [batch, t, kv_heads, hd] at
+  positions [batch, t] (drafts and the verifier's overwrite both go through here);
+* ``attend(layer, q, q_positions, view)``: causal attention of the new queries over the layer,
+  in the "target" view (most exact) or the "draft" view (the hierarchical cache's int4 halves);
+* ``prefill_cache(prompt_len)`` / ``finish_prefill(scratch, lengths)``: the cache the padded
+  prompt runs on, and the cache holding the prompt afterwards;
+* ``commit(lengths)``: set the verified lengths after a step (a hierarchical cache quantizes
+  and flushes here, and only here, so only verified tokens are ever flushed);
+* ``lengths`` (a field; moving it back is rollback), ``capacity``, ``replace(...)``;
+* ``kv_bytes(lengths)`` / ``kv_bytes_per_token()``: memory accounting for stats.
+
+Formats: ``"float"`` (`KVCache`, one dense buffer) and ``"hier"`` (`HierKVCache`, QuantSpec's
+int4/int8 hierarchical cache with a float buffer).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax.numpy as jnp
+
+from qspec_jax.cache.hierarchical import HierKVCache
+from qspec_jax.cache.kv_cache import KVCache
+from qspec_jax.config import LlamaConfig
+
+KV_FORMATS = ("float", "hier")
+
+
+class CacheFormat(Protocol):
+    """What `qspec_jax.model.llama.forward` and `qspec_jax.decoding.loop` need from a cache."""
+
+    lengths: jnp.ndarray
+
+    @property
+    def capacity(self) -> int: ...
+
+    def write_layer(self, layer, positions, k, v) -> CacheFormat: ...
+
+    def attend(self, layer, q, q_positions, view: str = "target", mask=None) -> jnp.ndarray: ...
+
+    def prefill_cache(self, prompt_len: int) -> KVCache: ...
+
+    def finish_prefill(self, scratch: KVCache, lengths: jnp.ndarray) -> CacheFormat: ...
+
+    def commit(self, lengths: jnp.ndarray) -> CacheFormat: ...
+
+    def kv_bytes(self, lengths) -> int: ...
+
+    def kv_bytes_per_token(self) -> float: ...
+
+
+def make_cache(
+    kind: str,
+    cfg: LlamaConfig,
+    batch: int,
+    capacity: int,
+    *,
+    residual: int = 128,
+    key_group: int | None = None,
+    step_tokens: int = 1,
+) -> KVCache | HierKVCache:
+    """An empty cache of format `kind` ("float" | "hier"); ValueError (one sentence) otherwise.
+
+    `residual`, `key_group` and `step_tokens` (the most positions one decoding step writes)
+    shape the hierarchical layout and are ignored for "float".
+    """
+    if kind == "float":
+        return KVCache.init(cfg, batch, capacity)
+    if kind == "hier":
+        return HierKVCache.init(
+            cfg, batch, capacity, residual=residual, key_group=key_group, step_tokens=step_tokens
+        )
+    raise ValueError(f"unknown kv_cache {kind!r}: choose one of {', '.join(KV_FORMATS)}")
