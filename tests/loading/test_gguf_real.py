@@ -119,7 +119,7 @@ def test_int4_is_exact(gguf_int4, gguf_float):
     cfg, p4, quant = gguf_int4
     cfg_f, pf, _ = gguf_float
     assert cfg == cfg_f
-    assert quant == QuantConfig(method="gguf", group_size=32, symmetric=False)
+    assert quant == QuantConfig(method="gguf", group_size=32, symmetric=False, act_group_size=32)
     for name in LINEARS:
         qw = getattr(p4.layers, name)
         assert isinstance(qw, QuantizedWeight)
