@@ -4,12 +4,22 @@ equal to W4A16 greedy at batch 8 (mixed prompt lengths) and batch 1, and the CLI
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from qspec_jax.cli import main
 
-pytestmark = pytest.mark.real
+# Each hierarchy compiles for minutes on SmolLM2 on a 2-core CPU (319 s two-level, 472 s
+# three-level, measured 2026-11-23): with the tiny-model exactness tests of tests/test_hspec.py in
+# every run, these join the run with QSPEC_SLOW_TESTS=1 so `make test` stays within CI's limits.
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(
+        os.environ.get("QSPEC_SLOW_TESTS") != "1",
+        reason="real-model hierarchies compile for minutes; set QSPEC_SLOW_TESTS=1 to run",
+    ),
+]
 
 PROMPTS = [
     "What is 17 * 23?",
