@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# JAX's persistent compilation cache stays off in the test process (a full run on 2026-11-23
+# aborted inside jax's cache write, compilation_cache.put_executable_and_time, during
+# tests/test_qspec_real.py); tests/test_compile_once.py turns it on in its own subprocesses.
+os.environ.setdefault("QSPEC_JAX_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
