@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -35,21 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # run from the repository root: its qspec_jax, not another installed copy
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_qspec import H100, PROMPTS  # noqa: E402
+from bench_qspec import H100, PROMPTS, _median_time  # noqa: E402
 
 PRECISIONS = ("fp", "w4a16", "w4a8", "w4a4")
-
-
-def _median_time(fn, *args, reps=5):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def roofline(cfg, group_size, batch, n, ctx, precision):
@@ -108,7 +95,7 @@ def forward_times(engines, ns, batches, ctx, out, save, precisions=PRECISIONS):
                         )[0]
                     )
                     args = (eng.params, cache, toks, mask, pos)
-                t = _median_time(fn, *args)
+                t = _median_time(fn, *args, reps=5)
                 row = dict(
                     batch=b,
                     precision=prec,
