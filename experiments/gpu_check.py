@@ -74,7 +74,8 @@ MODEL_SHAPES = {
     "llama-2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)],
     "llama-3-8b": [(4096, 6144), (4096, 28672), (14336, 4096)],
 }
-KERNEL_MS = (1, 4, 16, 256, 2048)  # decode (4 = gamma + 1 at gamma 3) and prefill rows
+KERNEL_MS = (1, 4, 16, 256, 2048)
+E2E_DRAFT = "w4a8"  # QSpec's draft in the e2e step: the engine's measured default  # decode (4 = gamma + 1 at gamma 3) and prefill rows
 
 
 # ----------------------------------------------------------------------------- report
@@ -680,29 +681,21 @@ def smollm2_engine(gguf_path: str, dtype: str = "bfloat16"):
     return Engine(cfg, params, qcfg, tokenizer=None, source=gguf_path)
 
 
-def _step_times(engine, batch: int, gamma: int, capacity: int, filled: int) -> dict:
-    """Median seconds of a draft (w4a4, 1 token), verify (w4a16, gamma + 1) and AR (w4a16) step."""
-    import jax
-    import jax.numpy as jnp
+def _step_times(engine, batch: int, gamma: int, capacity: int, filled: int, draft: str) -> dict:
+    """Draft / verify / AR step seconds (`bench_qspec.step_times`) with this check's timer."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from bench_qspec import step_times
 
-    from qspec_jax.cache import KVCache, set_lengths
-    from qspec_jax.model.llama import forward
-
-    cfg, qcfg = engine.config, engine.qconfig
-    cache = set_lengths(KVCache.init(cfg, batch, capacity), jnp.full((batch,), filled, jnp.int32))
-    last = jnp.zeros((batch,), jnp.int32)
-
-    def one(precision):
-        return jax.jit(lambda p, c, t: forward(p, t, c, cfg, qcfg, precision, logits_index=last)[0])
-
-    verify = jax.jit(lambda p, c, t: forward(p, t, c, cfg, qcfg, "w4a16")[0])
-    t1 = jnp.ones((batch, 1), jnp.int32)
-    tg = jnp.ones((batch, gamma + 1), jnp.int32)
-    return dict(
-        draft_s=time_fn(one("w4a4"), engine.params, cache, t1, repeats=3),
-        verify_s=time_fn(verify, engine.params, cache, tg, repeats=3),
-        ar_s=time_fn(one("w4a16"), engine.params, cache, t1, repeats=3),
+    st = step_times(
+        engine,
+        batch,
+        gamma,
+        capacity,
+        filled,
+        draft=draft,
+        timer=lambda fn, *a: time_fn(fn, *a, repeats=3),
     )
+    return dict(draft_s=st["draft"], verify_s=st["verify"], ar_s=st["ar"])
 
 
 def _prompt_ids(engine, batch: int, prompt_len: int = 64) -> list[list[int]]:
@@ -760,11 +753,12 @@ def bench_model(
                 row["qspec"].append(dict(gamma=g, skipped="time budget"))
                 continue
             try:
-                r, tps = run("qspec", gamma=g)
-                st = _step_times(engine, len(ids), g, capacity, filled=capacity // 2)
+                r, tps = run("qspec", gamma=g, draft=E2E_DRAFT)
+                st = _step_times(engine, len(ids), g, capacity, capacity // 2, E2E_DRAFT)
                 per_step = r.stats["mean_tokens_per_step"]
                 q = dict(
                     gamma=g,
+                    draft=E2E_DRAFT,
                     tps=tps,
                     vs_w4a16=tps / ar_tps,
                     acceptance=r.stats["acceptance_rate"],
