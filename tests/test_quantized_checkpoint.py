@@ -132,7 +132,7 @@ def test_load_through_qspec_jax_load(saved, tiny_q, monkeypatch):
     monkeypatch.setattr(engine, "_maybe_tokenizer", lambda src: seen.append(src) or None)
     eng = qspec_jax.load(saved)
     assert seen == ["smollm2-135m"]
-    assert eng.qconfig == tiny_q[1] and eng.modes == ("w4a16", "w4a4", "w4a8", "qspec", "quantspec")
+    assert eng.qconfig == tiny_q[1] and eng.modes == ("w4a16", "w4a4", "w4a8", "qspec", "quantspec", "hspec")
     ref = qspec_jax.Engine(eng.config, tiny_q[0], tiny_q[1])
     assert np.array_equal(eng.logits(IDS, "w4a16"), ref.logits(IDS, "w4a16"))
     with pytest.raises(qspec_jax.UsageError, match="already quantized"):
