@@ -19,7 +19,6 @@ import pytest  # noqa: E402
 from qspec_jax.config import preset  # noqa: E402
 from qspec_jax.model.params import init_params  # noqa: E402
 
-
 # Every program XLA:CPU compiles keeps its machine code in its own small memory mappings
 # (measured: tests/test_decoding.py alone leaves 4679 mappings, 580 after jax.clear_caches()).
 # Linux refuses mappings past vm.max_map_count (65530 by default), and XLA:CPU's compiler then
