@@ -52,9 +52,49 @@ def _median_time(fn, *args, reps=10):
     return statistics.median(ts)
 
 
-def step_times(engine, batch, gamma, capacity, filled, draft="w4a4", timer=None):
+def loop_time(fwd, params, cache, toks, *extra, iters=(2, 6), timer=None):
+    """Seconds of one `fwd` call inside a `lax.fori_loop`, the way the engine runs its steps.
+
+    XLA hoists work that depends only on the weights out of a loop: on CPU the XLA path unpacks
+    (W4A16: dequantizes) the int4 weights once before the engine's while_loop and reads that copy
+    every step, so a forward jitted alone pays per call what the engine pays per generate call
+    (measured: W4A16 forward alone 616 ms, in a loop 179 ms; README, profile table). Here each
+    iteration's tokens are the previous iteration's argmax and the cache is carried, so nothing
+    but weight-only work can leave the loop; the result is (T(i2) - T(i1)) / (i2 - i1) for loops
+    of i1 and i2 iterations, so the hoisted work and the call overhead cancel.
+
+    Args:
+        fwd: (params, cache, toks, *extra) -> (logits [batch, t, V] or [batch, V], cache).
+        params, cache, toks, extra: its arguments (toks int32 [batch, t]).
+        iters: the two loop lengths.
+        timer: timer(fn, *args) -> seconds (default `_median_time`).
+
+    Returns:
+        Seconds per iteration (median-based; may be noisy on a loaded machine).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def run(n, p, c, t, *e):  # n is traced: one program serves both loop lengths
+        def body(_, carry):
+            c, t = carry
+            logits, c = fwd(p, c, t, *e)
+            nxt = jnp.argmax(logits.reshape(t.shape[0], -1, logits.shape[-1])[:, -1], -1)
+            return c, jnp.broadcast_to(nxt.astype(t.dtype)[:, None], t.shape)
+
+        return jax.lax.fori_loop(0, n, body, (c, t))[1]
+
+    looped = jax.jit(run)
+    timer = timer or _median_time
+    lo, hi = (timer(looped, jnp.int32(n), params, cache, toks, *extra) for n in iters)
+    return (hi - lo) / (iters[1] - iters[0])
+
+
+def step_times(engine, batch, gamma, capacity, filled, draft="w4a4", timer=None, in_loop=True):
     """Median seconds of one draft (`draft`, 1 token), verify (w4a16, gamma+1) and AR (w4a16, 1)
-    step; `timer(fn, *args)` -> seconds (default: host-synchronized medians, `_median_time`)."""
+    step; `timer(fn, *args)` -> seconds (default: host-synchronized medians, `_median_time`).
+    With `in_loop` (default) each step is timed inside a fori_loop (`loop_time`), as the engine
+    runs it; else jitted alone (on CPU that re-dequantizes the weights every call)."""
     import jax
     import jax.numpy as jnp
 
@@ -65,17 +105,33 @@ def step_times(engine, batch, gamma, capacity, filled, draft="w4a4", timer=None)
     cache = set_lengths(KVCache.init(cfg, batch, capacity), jnp.full((batch,), filled, jnp.int32))
     last = jnp.zeros((batch,), jnp.int32)
 
-    def one(precision):
-        return jax.jit(lambda p, c, t: forward(p, t, c, cfg, qcfg, precision, logits_index=last)[0])
+    def fwd(precision, rows):
+        def f(p, c, t):
+            return forward(p, t, c, cfg, qcfg, precision, logits_index=last if rows else None)
 
-    verify = jax.jit(lambda p, c, t: forward(p, t, c, cfg, qcfg, "w4a16")[0])
+        return f
+
     t1 = jnp.ones((batch, 1), jnp.int32)
     tg = jnp.ones((batch, gamma + 1), jnp.int32)
     timer = timer or _median_time
+    if in_loop:
+        return dict(
+            draft=loop_time(fwd(draft, True), engine.params, cache, t1, timer=timer),
+            verify=loop_time(fwd("w4a16", False), engine.params, cache, tg, timer=timer),
+            ar=loop_time(fwd("w4a16", True), engine.params, cache, t1, timer=timer),
+        )
+    alone = {
+        k: jax.jit(lambda p, c, t, f=f: f(p, c, t)[0])
+        for k, f in (
+            ("draft", fwd(draft, True)),
+            ("verify", fwd("w4a16", False)),
+            ("ar", fwd("w4a16", True)),
+        )
+    }
     return dict(
-        draft=timer(one(draft), engine.params, cache, t1),
-        verify=timer(verify, engine.params, cache, tg),
-        ar=timer(one("w4a16"), engine.params, cache, t1),
+        draft=timer(alone["draft"], engine.params, cache, t1),
+        verify=timer(alone["verify"], engine.params, cache, tg),
+        ar=timer(alone["ar"], engine.params, cache, t1),
     )
 
 
@@ -138,9 +194,14 @@ def main() -> int:
         base = {m: run(eng, m) for m in ("w4a16", "w4a4")}
         base["fp"] = run(fp, "fp")
         w4a16_tps = base["w4a16"].stats["tokens_per_s"]
-        row = dict(batch=b, **{f"{m}_tps": r.stats["tokens_per_s"] for m, r in base.items()}, qspec=[])
-        print(f"batch {b}: " + ", ".join(f"{m} {r.stats['tokens_per_s']:.1f} tok/s" for m, r in base.items()),
-              flush=True)
+        row = dict(
+            batch=b, **{f"{m}_tps": r.stats["tokens_per_s"] for m, r in base.items()}, qspec=[]
+        )
+        print(
+            f"batch {b}: "
+            + ", ".join(f"{m} {r.stats['tokens_per_s']:.1f} tok/s" for m, r in base.items()),
+            flush=True,
+        )
         capacity = 64 * -(-(max(len(i) for i in ids) + n + 8) // 64)
         for g in gammas:
             r = run(eng, "qspec", gamma=g, draft="w4a4")  # as timed by step_times
@@ -158,26 +219,41 @@ def main() -> int:
                 dr = roofline_step(cfg, gs, dict(batch=b, positions=1), ctx, 4)
                 ve = roofline_step(cfg, gs, dict(batch=b, positions=g + 1), ctx, 16)
                 proj[name] = per_step * ar / (g * dr + ve)
-            q = dict(gamma=g, tps=s["tokens_per_s"], acceptance=s["acceptance_rate"],
-                     tokens_per_step=per_step, same_tokens_as_w4a16=f"{same}/{b}",
-                     t_draft_ms=1e3 * t["draft"], t_verify_ms=1e3 * t["verify"], t_ar_ms=1e3 * t["ar"],
-                     draft_share=g * t["draft"] / (g * t["draft"] + t["verify"]),
-                     speedup_measured=measured, speedup_predicted=predicted,
-                     overhead=1 - measured / predicted, h100_projected_speedup=proj)
+            q = dict(
+                gamma=g,
+                tps=s["tokens_per_s"],
+                acceptance=s["acceptance_rate"],
+                tokens_per_step=per_step,
+                same_tokens_as_w4a16=f"{same}/{b}",
+                t_draft_ms=1e3 * t["draft"],
+                t_verify_ms=1e3 * t["verify"],
+                t_ar_ms=1e3 * t["ar"],
+                draft_share=g * t["draft"] / (g * t["draft"] + t["verify"]),
+                speedup_measured=measured,
+                speedup_predicted=predicted,
+                overhead=1 - measured / predicted,
+                h100_projected_speedup=proj,
+            )
             row["qspec"].append(q)
-            print(f"  gamma {g}: {s['tokens_per_s']:.1f} tok/s, acceptance {s['acceptance_rate']:.2f}, "
-                  f"{per_step:.2f} tok/step, measured {measured:.2f}x, predicted {predicted:.2f}x, "
-                  f"same tokens {same}/{b}", flush=True)
+            print(
+                f"  gamma {g}: {s['tokens_per_s']:.1f} tok/s, acceptance {s['acceptance_rate']:.2f}, "
+                f"{per_step:.2f} tok/step, measured {measured:.2f}x, predicted {predicted:.2f}x, "
+                f"same tokens {same}/{b}",
+                flush=True,
+            )
         results.append(row)
 
-    meta = dict(command="python " + " ".join(sys.argv),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU (XLA reference kernels)",
-                quant=str(eng.qconfig), new_tokens=n,
-                weight_bytes=dict(fp_model=fp.weight_bytes, int4_model_serving_all_modes=eng.weight_bytes),
-                # device bytes held before and after running every mode: no mode keeps a
-                # second (e.g. dequantized) weight copy alive
-                live_bytes=dict(before=live_before, after=sum(a.nbytes for a in jax.live_arrays())))
+    meta = dict(
+        command="python " + " ".join(sys.argv),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU (XLA reference kernels)",
+        quant=str(eng.qconfig),
+        new_tokens=n,
+        weight_bytes=dict(fp_model=fp.weight_bytes, int4_model_serving_all_modes=eng.weight_bytes),
+        # device bytes held before and after running every mode: no mode keeps a
+        # second (e.g. dequantized) weight copy alive
+        live_bytes=dict(before=live_before, after=sum(a.nbytes for a in jax.live_arrays())),
+    )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
@@ -190,16 +266,22 @@ def main() -> int:
 
 def _table(meta, results):
     print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
-    print("| batch | mode | tok/s | vs w4a16 | acceptance | tok/step | predicted | overhead | H100 proj. 135M / 7B |")
+    print(
+        "| batch | mode | tok/s | vs w4a16 | acceptance | tok/step | predicted | overhead | H100 proj. 135M / 7B |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         for m in ("fp", "w4a16", "w4a4"):
-            print(f"| {r['batch']} | {m} | {r[m + '_tps']:.1f} | {r[m + '_tps'] / r['w4a16_tps']:.2f}x | | | | | |")
+            print(
+                f"| {r['batch']} | {m} | {r[m + '_tps']:.1f} | {r[m + '_tps'] / r['w4a16_tps']:.2f}x | | | | | |"
+            )
         for q in r["qspec"]:
             p = q["h100_projected_speedup"]
-            print(f"| {r['batch']} | qspec γ={q['gamma']} | {q['tps']:.1f} | {q['speedup_measured']:.2f}x | "
-                  f"{q['acceptance']:.2f} | {q['tokens_per_step']:.2f} | {q['speedup_predicted']:.2f}x | "
-                  f"{100 * q['overhead']:.0f}% | {p['smollm2-135m']:.2f}x / {p['llama-2-7b']:.2f}x |")
+            print(
+                f"| {r['batch']} | qspec γ={q['gamma']} | {q['tps']:.1f} | {q['speedup_measured']:.2f}x | "
+                f"{q['acceptance']:.2f} | {q['tokens_per_step']:.2f} | {q['speedup_predicted']:.2f}x | "
+                f"{100 * q['overhead']:.0f}% | {p['smollm2-135m']:.2f}x / {p['llama-2-7b']:.2f}x |"
+            )
 
 
 def _plots(results, outdir):
@@ -211,14 +293,30 @@ def _plots(results, outdir):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in results:
         gs = [q["gamma"] for q in r["qspec"]]
-        axes[0].plot(gs, [q["tps"] / r["w4a16_tps"] for q in r["qspec"]], "o-", label=f"batch {r['batch']}")
+        axes[0].plot(
+            gs, [q["tps"] / r["w4a16_tps"] for q in r["qspec"]], "o-", label=f"batch {r['batch']}"
+        )
         axes[1].plot(gs, [q["acceptance"] for q in r["qspec"]], "o-", label=f"batch {r['batch']}")
-        axes[2].plot(gs, [q["speedup_predicted"] for q in r["qspec"]], "s--", label=f"predicted, batch {r['batch']}")
-        axes[2].plot(gs, [q["speedup_measured"] for q in r["qspec"]], "o-", label=f"measured, batch {r['batch']}")
+        axes[2].plot(
+            gs,
+            [q["speedup_predicted"] for q in r["qspec"]],
+            "s--",
+            label=f"predicted, batch {r['batch']}",
+        )
+        axes[2].plot(
+            gs,
+            [q["speedup_measured"] for q in r["qspec"]],
+            "o-",
+            label=f"measured, batch {r['batch']}",
+        )
     axes[0].axhline(1.0, color="gray", lw=0.8)
     axes[0].set(title="QSpec tokens/s relative to W4A16 (CPU)", xlabel="gamma", ylabel="x W4A16")
-    axes[1].set(title="Draft acceptance rate", xlabel="gamma", ylabel="accepted / proposed", ylim=(0, 1))
-    axes[2].set(title="Speedup: predicted from step times vs measured", xlabel="gamma", ylabel="x W4A16")
+    axes[1].set(
+        title="Draft acceptance rate", xlabel="gamma", ylabel="accepted / proposed", ylim=(0, 1)
+    )
+    axes[2].set(
+        title="Speedup: predicted from step times vs measured", xlabel="gamma", ylabel="x W4A16"
+    )
     for a in axes:
         a.legend(fontsize=7)
         a.grid(alpha=0.3)

@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # run from the repository root: its qspec_jax, not another installed copy
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_qspec import H100, PROMPTS, _median_time  # noqa: E402
+from bench_qspec import H100, PROMPTS, loop_time  # noqa: E402
 
 PRECISIONS = ("fp", "w4a16", "w4a8", "w4a4")
 
@@ -61,7 +61,6 @@ def roofline(cfg, group_size, batch, n, ctx, precision):
 
 def forward_times(engines, ns, batches, ctx, out, save, precisions=PRECISIONS):
     """Part 1: one tree forward of N tokens per precision and batch."""
-    import jax
     import jax.numpy as jnp
 
     from qspec_jax.cache import KVCache, set_lengths
@@ -82,20 +81,22 @@ def forward_times(engines, ns, batches, ctx, out, save, precisions=PRECISIONS):
                 tree = tr.TreeConfig((-1,) + (0,) * (n - 1)) if n > 1 else None
                 toks = jnp.ones((b, n), jnp.int32)
                 if tree is None:
-                    fn = jax.jit(
-                        lambda p, c, t, q=qcfg, pr=prec, cf=cfg: forward(p, t, c, cf, q, pr)[0]
-                    )
-                    args = (eng.params, cache, toks)
+                    extra = ()
+
+                    def fwd(p, c, t, q=qcfg, pr=prec, cf=cfg):
+                        return forward(p, t, c, cf, q, pr)
                 else:
-                    mask = tr.attention_mask(tree, base, 0, n, cap)
-                    pos = tr.rope_positions(tree, base, 0, n)
-                    fn = jax.jit(
-                        lambda p, c, t, m, r, q=qcfg, pr=prec, cf=cfg: forward(
-                            p, t, c, cf, q, pr, rope_positions=r, attn_mask=m
-                        )[0]
+                    extra = (
+                        tr.attention_mask(tree, base, 0, n, cap),
+                        tr.rope_positions(tree, base, 0, n),
                     )
-                    args = (eng.params, cache, toks, mask, pos)
-                t = _median_time(fn, *args, reps=5)
+
+                    def fwd(p, c, t, m, r, q=qcfg, pr=prec, cf=cfg):
+                        return forward(p, t, c, cf, q, pr, rope_positions=r, attn_mask=m)
+
+                # inside a fori_loop, as the engine runs it (on CPU the int4 unpacking is
+                # hoisted out of loops; a forward jitted alone would pay it on every call)
+                t = loop_time(fwd, eng.params, cache, toks, *extra)
                 row = dict(
                     batch=b,
                     precision=prec,

@@ -694,6 +694,11 @@ def _step_times(engine, batch: int, gamma: int, capacity: int, filled: int, draf
         filled,
         draft=draft,
         timer=lambda fn, *a: time_fn(fn, *a, repeats=3),
+        # On the GPU the Pallas kernels read the packed weights on every call, as in the
+        # engine's loop, so a step jitted alone costs what it costs there (and compiles once,
+        # not twice: this check runs under a time budget). On CPU, `in_loop` matters (the XLA
+        # path's int4 unpacking is hoisted out of loops), but the dry part times nothing.
+        in_loop=False,
     )
     return dict(draft_s=st["draft"], verify_s=st["verify"], ar_s=st["ar"])
 
