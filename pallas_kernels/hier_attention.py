@@ -45,9 +45,11 @@ The buffer program walks the ring in blocks of ``block_buffer`` positions aligne
 positions (``block_buffer`` divides R, so a block never wraps). Blocks that hold no key of any
 row are skipped (per-sequence bounds computed outside the kernel); a block that holds none for
 some rows leaves those rows' state unchanged. Each program writes its (output, max, sum); a
-small jnp epilogue combines the S + 1 partial softmaxes. Split boundaries are absolute positions,
-so a row's result does not depend on the other rows in the call. No float copy of the quantized
-cache is ever written.
+small jnp epilogue combines the S + 1 partial softmaxes in a fixed order. Block and split
+boundaries are absolute positions, so a row adds the same terms in the same order whatever other
+rows share the call (a verification block vs an autoregressive step); bit-for-bit row independence
+is tested in interpret mode, and on a GPU by the GPU test class (the tile height may change the
+dot's schedule there). No float copy of the quantized cache is ever written.
 
 Supported by the kernel: hd/2 a power of two >= 16 (hd = 32, 64, 128, 256); G, R with power-of-two
 blocks >= 16 dividing them; t * h / kvh <= 128 query rows per KV head (decode and verification,
