@@ -301,7 +301,7 @@ def _lowering_cases():
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import act_quant, hadamard, w4a16_matmul, w4ax_matmul
+    from pallas_kernels import act_quant, hadamard, hier_attention, w4a16_matmul, w4ax_matmul
 
     S = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
@@ -344,6 +344,24 @@ def _lowering_cases():
             )
         )
         cases.append((f"hadamard n{k}", hadamard.hadamard_transform_pallas, [S((16, k), bf)]))
+    # QuantSpec's hierarchical-cache attention, one layer: Llama-2-7B (32 heads, hd 128) and
+    # SmolLM2-135M (9 / 3 heads, hd 64), 4k-token caches, R = G = 128, decode and gamma = 3 rows.
+    for name, (t, h, kvh, hd), view in (
+        ("llama-2-7b", (1, 32, 32, 128), "target"),
+        ("smollm2-135m", (4, 9, 3, 64), "draft"),
+    ):
+        code = S((1, 4096, kvh, hd // 2), jnp.uint8)
+        lo = code if view == "target" else None
+        kgrp, vtok = S((1, 32, kvh, hd), jnp.float32), S((1, 4096, kvh), jnp.float32)
+        buf = S((1, 384, kvh, hd), bf)
+        cases.append(
+            (
+                f"hier_attention {name} t{t} {view}",
+                functools.partial(hier_attention.hier_attention, residual=128, view=view),
+                [S((1, t, h, hd), bf), S((1, t), jnp.int32), code, lo, kgrp, kgrp, code, lo]
+                + [vtok, vtok, buf, buf, S((1,), jnp.int32)],
+            )
+        )
     return cases
 
 

@@ -1,4 +1,5 @@
-"""The one entry point the model calls for int4 matmuls, activation quantization and Hadamard.
+"""The one entry point the model calls for int4 matmuls, activation quantization, Hadamard and
+attention over the hierarchical (QuantSpec) KV cache.
 
 Every function takes ``impl``:
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import act_quant, hadamard
+from pallas_kernels import hier_attention as _hattn
 from pallas_kernels import w4a16_matmul as _w4a16
 from pallas_kernels import w4ax_matmul as _w4ax
 
@@ -228,3 +230,45 @@ def hadamard_transform(x: jax.Array, *, impl: Impl = None) -> jax.Array:
       Array [..., n] of x.dtype.
     """
     return _dispatch(impl, hadamard.hadamard_transform_pallas, hadamard.hadamard_transform_xla, x)
+
+
+def hier_attention(
+    q: jax.Array,
+    q_positions: jax.Array,
+    k_hi: jax.Array,
+    k_lo: jax.Array | None,
+    k_scale: jax.Array,
+    k_min: jax.Array,
+    v_hi: jax.Array,
+    v_lo: jax.Array | None,
+    v_scale: jax.Array,
+    v_min: jax.Array,
+    k_buf: jax.Array,
+    v_buf: jax.Array,
+    buf_start: jax.Array,
+    *,
+    residual: int,
+    view: str = "target",
+    impl: Impl = None,
+) -> jax.Array:
+    """Decode attention over one hierarchical-cache layer (see `pallas_kernels.hier_attention`).
+
+    Args:
+      q: queries [B, t, h, hd]; q_positions: int32 [B, t].
+      k_hi, k_lo, v_hi, v_lo: uint8 [B, Q, kvh, hd/2] packed upper / lower (+8) halves (the
+        lower ones may be None for view "draft").
+      k_scale, k_min: float32 [B, Q/G, kvh, hd]; v_scale, v_min: float32 [B, Q, kvh].
+      k_buf, v_buf: [B, NB, kvh, hd] float ring buffer; buf_start: int32 [B].
+      residual: R; view: "target" (int8) or "draft" (upper int4 halves).
+      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+
+    Returns:
+      [B, t, h * hd] array of q.dtype.
+    """
+    return _dispatch(
+        impl,
+        _hattn.hier_attention,
+        _hattn.hier_attention_xla,
+        q, q_positions, k_hi, k_lo, k_scale, k_min, v_hi, v_lo, v_scale, v_min, k_buf, v_buf,
+        buf_start, residual=residual, view=view,
+    )  # fmt: skip

@@ -40,7 +40,9 @@ the buffer until the verifier overwrites them; they are never flushed.
 Attention (`attend`) runs block by block with an online softmax: over the quantized part in
 blocks of `block` tokens (each block's codes dequantized on the fly, never the whole cache), then
 over the float buffer in blocks of `buffer_block` tokens aligned to absolute positions (so a
-verifier row and an autoregressive row add the same terms in the same order).
+verifier row and an autoregressive row add the same terms in the same order). That XLA path is
+the default everywhere; `HierLayout.attention_impl` opts in to the Pallas kernel
+`pallas_kernels.hier_attention` (same function, float32 rounding apart; see `attend`).
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels import dispatch
 from qspec_jax.cache.kv_cache import KVCache, write_layer
 from qspec_jax.config import LlamaConfig
 
 CODE_MAX = 240  # 8-bit codes span 15 upper steps of 16 lower steps: [0, 240]
 VIEWS = ("target", "draft")
+ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -77,6 +81,10 @@ class HierLayout:
         q_capacity: token capacity of the quantized part (= the cache's capacity; a multiple of
             `block` and of `residual`).
         step_tokens: the most positions one decoding step writes (gamma + 1, or 1); <= R + 1.
+        attention_impl: which implementation `attend` runs: "xla" (the default: the block-wise
+            jnp path below, everywhere), "auto" (the Pallas kernel on a GPU backend when it
+            supports the shapes, else "xla"), "pallas" / "pallas_interpret" (the kernel, compiled
+            / in interpret mode; its NotImplementedError propagates).
     """
 
     residual: int
@@ -86,6 +94,7 @@ class HierLayout:
     buffer: int
     q_capacity: int
     step_tokens: int
+    attention_impl: str = "xla"
 
     @classmethod
     def make(
@@ -95,8 +104,13 @@ class HierLayout:
         key_group: int | None = None,
         block: int | None = None,
         step_tokens: int = 1,
+        attention_impl: str = "xla",
     ) -> HierLayout:
         """A layout for `capacity` tokens; raises ValueError (one sentence) on a bad setting."""
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention_impl {attention_impl!r}; expected one of {ATTENTION_IMPLS}"
+            )
         if residual < 1:
             raise ValueError(f"the residual length R must be >= 1, got {residual}")
         key_group = min(128, residual) if key_group is None else key_group
@@ -114,7 +128,10 @@ class HierLayout:
         buffer_block = math.gcd(residual, 128)
         buffer = _round_up(2 * residual + step_tokens, residual)
         q_capacity = _round_up(max(capacity, 1), math.lcm(block, residual))
-        return cls(residual, key_group, block, buffer_block, buffer, q_capacity, step_tokens)
+        return cls(
+            residual, key_group, block, buffer_block, buffer, q_capacity, step_tokens,
+            attention_impl,
+        )  # fmt: skip
 
 
 def float_start(positions: jnp.ndarray, residual: int) -> jnp.ndarray:
@@ -232,11 +249,12 @@ class HierKVCache:
         block: int | None = None,
         step_tokens: int = 1,
         dtype=None,
+        attention_impl: str = "xla",
     ) -> HierKVCache:
         """An empty cache for `capacity` tokens (rounded up, see `HierLayout.make`)."""
         if cfg.head_dim % 2:
             raise ValueError(f"head_dim must be even to pack int4 pairs, got {cfg.head_dim}")
-        lay = HierLayout.make(capacity, residual, key_group, block, step_tokens)
+        lay = HierLayout.make(capacity, residual, key_group, block, step_tokens, attention_impl)
         nl, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         codes = (nl, batch, lay.q_capacity, kvh, hd // 2)
         kgroups = (nl, batch, lay.q_capacity // lay.key_group, kvh, hd)
@@ -357,6 +375,8 @@ class HierKVCache:
         Key j is read from the quantized part (upper halves only for view="draft", both halves
         for "target") iff j < float_start(p) of the query at p, else from the float buffer.
         Block by block with an online softmax; no float copy of the quantized part is made.
+        With `layout.attention_impl` other than "xla" the Pallas kernel computes the same
+        function (see `_attend_kernel`); the default "xla" runs the code below unchanged.
         """
         if view not in VIEWS:
             raise ValueError(f"unknown KV view {view!r}; expected one of {VIEWS}")
@@ -364,6 +384,9 @@ class HierKVCache:
             raise NotImplementedError(
                 "tree attention masks (mode hspec) need the float KV cache; use kv_cache='float'"
             )
+        out = self._attend_kernel(layer, q, q_positions, view)
+        if out is not None:
+            return out
         lay = self.layout
         b, t, h, hd = q.shape
         kvh = self.k_buf.shape[3]
@@ -425,6 +448,34 @@ class HierKVCache:
             _, denom, acc = state
             out = acc / denom[..., None]  # [b, kvh, t, group, hd]
         return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd).astype(q.dtype)
+
+    def _attend_kernel(self, layer, q, q_positions, view):
+        """`pallas_kernels.hier_attention` on this layer when `layout.attention_impl` asks for it.
+
+        Returns None (the caller then runs the XLA path) for "xla", and for "auto" off-GPU or when
+        the kernel raises NotImplementedError for these shapes.
+        """
+        impl = self.layout.attention_impl
+        auto = impl == "auto"
+        if impl == "xla" or (auto and dispatch.default_impl() == "xla"):
+            return None
+        layer = jnp.asarray(layer, jnp.int32)
+        lo = view == "target"  # the draft view never reads (or passes) the lower halves
+        try:
+            return dispatch.hier_attention(
+                q, q_positions,
+                self.k_hi[layer], self.k_lo[layer] if lo else None,
+                self.k_scale[layer], self.k_min[layer],
+                self.v_hi[layer], self.v_lo[layer] if lo else None,
+                self.v_scale[layer], self.v_min[layer],
+                self.k_buf[layer], self.v_buf[layer], self.buf_start,
+                residual=self.layout.residual, view=view,
+                impl="pallas" if auto else impl,
+            )  # fmt: skip
+        except NotImplementedError:
+            if auto:
+                return None
+            raise
 
     def linear_buffer(self) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The float buffer in position order: index i holds position buf_start + i.

@@ -2,7 +2,9 @@
 
 The Triton lowering runs at export time (an unsupported primitive, a non-power-of-two load or a
 slice of a loaded value fails here), and the exported module must contain the Triton custom call.
-Shapes: Llama-2-7B and Llama-3-8B projections, decode (M = 1) and a small batch (M = 16).
+Shapes: Llama-2-7B and Llama-3-8B projections, decode (M = 1) and a small batch (M = 16); the
+hierarchical-cache attention at Llama-3-8B (GQA 32/8), Llama-2-7B (MHA) and SmolLM2-135M (9/3,
+head_dim 64) sizes, decode (t = 1) and verification (t = 4, 8) rows.
 """
 
 import functools
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from pallas_kernels import act_quant, hadamard, w4a16_matmul, w4ax_matmul
+from pallas_kernels import act_quant, hadamard, hier_attention, w4a16_matmul, w4ax_matmul
 
 TRITON = "__gpu$xla.gpu.triton"
 KN = [(4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (4096, 4096)]
@@ -83,3 +85,32 @@ def test_act_quant_lowers(m, k, bits, ga):
 def test_hadamard_lowers(m, n, dtype):
     mlir = _export(hadamard.hadamard_transform_pallas, _sds((m, n), dtype))
     assert TRITON in mlir and "hadamard_transform" in mlir
+
+
+# (b, t, heads, kv_heads, head_dim, capacity Q, key group G, buffer NB, residual R)
+HIER_SHAPES = [
+    (1, 1, 32, 8, 128, 4096, 128, 384, 128),  # Llama-3-8B decode, 4k tokens
+    (4, 8, 32, 32, 128, 2048, 128, 384, 128),  # Llama-2-7B (MHA) verification, gamma = 7
+    (2, 4, 9, 3, 64, 8192, 64, 256, 64),  # SmolLM2-135M, G = R = 64, 16 splits
+]
+
+
+@pytest.mark.parametrize("shape", HIER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("view", ["target", "draft"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_hier_attention_lowers(shape, view, dtype):
+    b, t, h, kvh, hd, q_cap, group, nbuf, residual = shape
+    codes = _sds((b, q_cap, kvh, hd // 2), jnp.uint8)
+    lo = codes if view == "target" else None
+    kgrp = _sds((b, q_cap // group, kvh, hd), jnp.float32)
+    vtok = _sds((b, q_cap, kvh), jnp.float32)
+    buf = _sds((b, nbuf, kvh, hd), dtype)
+    f = functools.partial(hier_attention.hier_attention, residual=residual, view=view)
+    mlir = _export(
+        f,
+        _sds((b, t, h, hd), dtype),
+        _sds((b, t), jnp.int32),
+        codes, lo, kgrp, kgrp, codes, lo, vtok, vtok, buf, buf,
+        _sds((b,), jnp.int32),
+    )  # fmt: skip
+    assert TRITON in mlir and "hier_attention" in mlir

@@ -2,6 +2,7 @@
 
 import jax
 import pytest
+from hier_attention_test_base import HierAttentionBase
 from kernel_test_base import ActQuantBase, HadamardBase, W4A16Base, W4AXBase
 
 pytestmark = pytest.mark.skipif(
@@ -22,4 +23,8 @@ class TestActQuantPallasGpu(ActQuantBase):
 
 
 class TestHadamardPallasGpu(HadamardBase):
+    IMPL = "pallas"
+
+
+class TestHierAttentionPallasGpu(HierAttentionBase):
     IMPL = "pallas"

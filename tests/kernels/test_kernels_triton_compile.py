@@ -17,7 +17,13 @@ from jax import export
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from pallas_kernels import act_quant, hadamard, w4a16_matmul, w4ax_matmul  # noqa: E402
+from pallas_kernels import (  # noqa: E402
+    act_quant,
+    hadamard,
+    hier_attention,
+    w4a16_matmul,
+    w4ax_matmul,
+)
 
 S = jax.ShapeDtypeStruct
 TRITON = "__gpu$xla.gpu.triton"
@@ -47,6 +53,19 @@ def _fresh(fn):
         raw = fn.func.__wrapped__
         return lambda *args: raw(*args, **fn.keywords)
     return lambda *args: fn.__wrapped__(*args)
+
+
+def _hier_attention_case(b, t, h, kvh, hd, q_cap, group, nbuf, residual, view, dtype):
+    """(fn, args) of `hier_attention` over one layer of a hierarchical cache of these sizes."""
+    codes = S((b, q_cap, kvh, hd // 2), jnp.uint8)
+    kgrp = S((b, q_cap // group, kvh, hd), jnp.float32)
+    vtok = S((b, q_cap, kvh), jnp.float32)
+    buf = S((b, nbuf, kvh, hd), dtype)
+    lo = codes if view == "target" else None
+    args = [S((b, t, h, hd), dtype), S((b, t), jnp.int32), codes, lo, kgrp, kgrp]
+    args += [codes, lo, vtok, vtok, buf, buf, S((b,), jnp.int32)]
+    fn = functools.partial(hier_attention.hier_attention, residual=residual, view=view)
+    return fn, args
 
 
 def _cases():
@@ -95,6 +114,14 @@ def _cases():
         ),
         "hadamard-11008-bf16": (hadamard.hadamard_transform_pallas, [S((m, 11008), bf)]),
         "hadamard-576-f32": (hadamard.hadamard_transform_pallas, [S((1, 576), jnp.float32)]),
+        # Llama-3-8B decode (GQA 32/8, hd 128), R = G = 128, 4k tokens: int8 view, bf16.
+        "hier-attn-target-bf16": _hier_attention_case(
+            1, 1, 32, 8, 128, 4096, 128, 384, 128, "target", bf
+        ),
+        # SmolLM2-135M verification (9/3 heads, hd 64), gamma + 1 = 4 rows, int4 view, f32.
+        "hier-attn-draft-f32-t4": _hier_attention_case(
+            2, 4, 9, 3, 64, 2048, 128, 384, 128, "draft", jnp.float32
+        ),
     }
     slow = {
         "w4ax-c96": (
