@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results JSON (the plot goes beside it)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
+        "--replot",
+        metavar="RESULTS",
+        default=None,
+        help="redraw the plot beside an existing results JSON and print its table (no model run)",
+    )
+    p.add_argument(
         "--no-quant-cache",
         action="store_true",
         help="quantize afresh and do not write the quantized-weights cache",
@@ -181,6 +187,34 @@ def _qconfig(engine):
     return dataclasses.asdict(q) if dataclasses.is_dataclass(q) else repr(q)
 
 
+def _title(config: dict) -> str:
+    q = config["quant"] + ("" if config.get("group_size") is None else f" g{config['group_size']}")
+    return (
+        f"{config['model']}, int4 weights {q}: {config['n_prompts']} prompts, "
+        f"greedy up to {config['max_new_tokens']} tokens, compared with fp"
+    )
+
+
+def replot(path: str) -> int:
+    """Redraws the plot of a finished results file and prints its table."""
+    import json  # noqa: PLC0415
+
+    from qspec_jax.eval.agreement import markdown_table, plot_agreement  # noqa: PLC0415
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageProblem(f"bench_agreement.py: cannot read results {path} ({e})") from None
+    if not isinstance(doc, dict) or not doc.get("complete") or "summary" not in doc:
+        raise UsageProblem(f"bench_agreement.py: {path} is not a complete agreement results file")
+    png = path[:-5] + ".png" if path.endswith(".json") else path + ".png"
+    plot_agreement(doc["summary"], png, _title(doc["config"]))
+    print(markdown_table(doc["summary"], doc.get("generation")))
+    print(f"\nplot: {png}")
+    return 0
+
+
 def run(args, load_engines=None, argv: list[str] | None = None) -> int:
     from qspec_jax.eval.agreement import (  # noqa: PLC0415
         markdown_table,
@@ -189,6 +223,8 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
     )
     from qspec_jax.eval.harness import write_json_atomic  # noqa: PLC0415
 
+    if args.replot:
+        return replot(args.replot)
     modes, prompts, sha, out = _check_args(args)
     argv = list(sys.argv[1:] if argv is None else argv)
     started = _utc()
@@ -251,14 +287,7 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
     save(doc)
     png = out[:-5] + ".png"
     if not args.no_plot:
-        n = len(prompts)
-        plot_agreement(
-            doc["summary"],
-            png,
-            f"{args.model}, int4 weights {args.quant}"
-            + ("" if args.quant == "gguf" else f" g{args.group_size}")
-            + f": {n} prompts, greedy up to {args.max_new_tokens} tokens, vs fp",
-        )
+        plot_agreement(doc["summary"], png, _title(head["config"]))
     print()
     print(markdown_table(doc["summary"], doc["generation"]))
     print(f"\nfp teacher-forced argmax == fp greedy tokens: {doc['fp_self_consistency']:.4f}")
