@@ -18,7 +18,8 @@ Prompts: experiments/data/agreement_prompts.json (68 held-out chat prompts, chat
 applied); a prompts file may also hold token-id lists (used as is, e.g. for --model tiny).
 Writes --out (default experiments/results/quality/agreement_<quant>[_g<G>].json; rewritten
 atomically after every stage, "complete": false until the end) and the same name .png, and
-prints a markdown table. Bad arguments print one line to stderr and exit with status 2.
+prints a markdown table. Rerunning the same command after a stop resumes: modes whose greedy
+tokens the unfinished file holds are not generated again (the teacher-forced pass reruns). Bad arguments print one line to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -195,6 +196,31 @@ def _title(config: dict) -> str:
     )
 
 
+def _partial_to_resume(out: str, config: dict) -> dict | None:
+    """An unfinished results file at `out` written with the same configuration, else None.
+
+    A finished file is simply replaced by the new run; an unfinished one with another
+    configuration is an error (one sentence: delete it or pass the same options).
+    """
+    import json  # noqa: PLC0415
+
+    if not os.path.exists(out):
+        return None
+    try:
+        with open(out, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("complete") or "rows" not in old:
+        return None
+    if old.get("config") != json.loads(json.dumps(config)):
+        raise UsageProblem(
+            f"bench_agreement.py: {out} holds unfinished results of another configuration: "
+            "pass the same options to resume, or delete it to start over"
+        )
+    return old
+
+
 def replot(path: str) -> int:
     """Redraws the plot of a finished results file and prints its table."""
     import json  # noqa: PLC0415
@@ -261,6 +287,15 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
         "prompts": prompts,
     }
 
+    resume = _partial_to_resume(out, head["config"])
+    if resume is not None:
+        head["resumed_from"] = {
+            "started_utc": resume.get("started_utc"),
+            "stages_done": resume.get("stages_done"),
+            "modes_done": sorted(resume.get("generation", {})),
+        }
+        print(f"resuming from the partial results in {out}", flush=True)
+
     def save(doc):
         write_json_atomic(
             out, {**head, **doc, "finished_utc": _utc() if doc.get("complete") else None}
@@ -277,6 +312,7 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
         gamma=args.gamma,
         log=lambda s: print(s, flush=True),
         checkpoint=save,
+        resume=resume,
     )
     for r in doc["rows"]:
         for m, g in r["modes"].items():

@@ -416,6 +416,7 @@ def run_agreement(
     gamma: int = 3,
     log: Callable[[str], None] | None = None,
     checkpoint: Callable[[dict], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Greedy and teacher-forced agreement of each mode with fp, and QSpec's equality check.
 
@@ -431,10 +432,15 @@ def run_agreement(
         gamma: QSpec draft length.
         log: called with one line of progress per stage (e.g. print).
         checkpoint: called with the document so far after every stage (to save partial results).
+        resume: a partial document an earlier call with the same arguments handed to
+            `checkpoint`: modes whose greedy tokens it holds for every prompt are not generated
+            again (their recorded tokens and generation stats are reused, marked
+            ``"resumed": True``); the teacher-forced pass always runs.
 
     Returns:
         ``{"rows", "summary", "generation", "qspec_equality", "fp_self_consistency",
-        "complete"}``. rows: per prompt the prompt length, and per mode its tokens, the
+        "stages_done", "complete"}``. The stages run in this order, `checkpoint` after each:
+        greedy fp and the non-QSpec modes, the teacher-forced pass, greedy QSpec modes. rows: per prompt the prompt length, and per mode its tokens, the
         `greedy_agreement` fields and the teacher-forced sums (tf_positions, tf_kl_sum,
         tf_kl_max, tf_top1_matches, tf_first_top1_miss). generation: per mode the engine's
         stats (tokens, wall seconds, compile seconds, QSpec acceptance). fp_self_consistency:
@@ -470,96 +476,177 @@ def run_agreement(
     doc: dict[str, Any] = {"rows": rows, "generation": {}, "complete": False}
     tokens: dict[str, list[list[int]]] = {}
 
-    # ---- greedy generation, fp first (the reference), the same batches for every mode
+    # Stages, each followed by `checkpoint`: greedy fp and the non-QSpec modes; the
+    # teacher-forced pass; then the QSpec modes (their teacher-forced numbers are W4A16's), so a
+    # run stopped for time keeps every number it can.
     batches = even_batches(len(prompt_ids), batch_size)
     order = ["fp"] + [m for m in modes if m != "fp"]
-    for m in order:
-        spec = mode_spec(m)
-        eng = fp_engine if spec["weights"] == "float" else q_engine
-        extra = {"draft": spec["draft"], "gamma": gamma} if spec["draft"] else {}
-        toks: list[list[int]] = []
-        stats = {
-            "tokens_generated": 0,
-            "wall_s": 0.0,
-            "compile_s": 0.0,
-            "calls": 0,
-            "draft_tokens_proposed": 0,
-            "draft_tokens_accepted": 0,
-            "verify_steps": 0,
-        }
-        t0 = time.perf_counter()
-        for s, e in batches:
-            res = eng.generate(
-                [list(p) for p in prompt_ids[s:e]],
-                mode=spec["generate_mode"],
-                max_new_tokens=max_new_tokens,
-                temperature=0.0,
-                **extra,
-            )
-            toks.extend([int(t) for t in r] for r in res.tokens)
-            stats["calls"] += 1
-            for k in (
-                "tokens_generated",
-                "wall_s",
-                "compile_s",
-                "draft_tokens_proposed",
-                "draft_tokens_accepted",
-                "verify_steps",
-            ):
-                v = res.stats.get(k)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    stats[k] += v
-        stats["total_s"] = time.perf_counter() - t0
-        stats["tokens_per_s"] = (
-            stats["tokens_generated"] / stats["wall_s"] if stats["wall_s"] else None
+    plain = [m for m in order if not m.startswith("qspec-")]
+    spec_modes = [m for m in order if m.startswith("qspec-")]
+    doc["stages_done"] = []
+
+    done = _resumable(resume, len(prompt_ids))
+
+    def greedy(m: str) -> None:
+        if m in done:
+            toks, stats = done[m]
+            tokens[m] = toks
+            doc["generation"][m] = {**stats, "resumed": True}
+            spec = mode_spec(m)
+            for r, t in zip(rows, toks):
+                g = greedy_agreement(tokens["fp"][r["index"]], t, eos, max_new_tokens)
+                r["modes"][m] = {"tokens": t, "tf_precision": spec["tf_precision"], **g}
+            log(f"{m}: {sum(len(t) for t in toks)} tokens taken from the partial results")
+            return
+        _generate_mode(
+            m,
+            fp_engine,
+            q_engine,
+            prompt_ids,
+            batches,
+            max_new_tokens,
+            gamma,
+            rows,
+            tokens,
+            doc,
+            eos,
+            log,
         )
-        if spec["draft"]:
-            p, a = stats["draft_tokens_proposed"], stats["draft_tokens_accepted"]
-            stats.update(draft=spec["draft"], gamma=gamma, acceptance_rate=a / p if p else None)
-        else:
-            for k in ("draft_tokens_proposed", "draft_tokens_accepted", "verify_steps"):
-                del stats[k]
-        doc["generation"][m] = stats
-        tokens[m] = toks
-        for r, t in zip(rows, toks):
-            g = greedy_agreement(tokens["fp"][r["index"]], t, eos, n_pos)
-            r["modes"][m] = {"tokens": t, "tf_precision": spec["tf_precision"], **g}
-        log(
-            f"{m}: {stats['tokens_generated']} tokens in {stats['total_s']:.0f} s "
-            f"(compile {stats['compile_s']:.0f} s)"
-        )
-        doc["summary"] = summarize_agreement(rows, [x for x in order if x in tokens])
+
+    def finish_stage(name: str, kl_by_mode: dict | None = None) -> None:
+        doc["stages_done"].append(name)
+        doc["summary"] = summarize_agreement(rows, [x for x in order if x in tokens], kl_by_mode)
         if checkpoint:
             checkpoint(doc)
 
-    doc["qspec_equality"] = qspec_equality({m: tokens[m] for m in order})
+    for m in plain:
+        greedy(m)
+        finish_stage(f"greedy {m}")
 
-    # ---- teacher-forced, along fp's greedy continuation
+    tf, kl_pooled = _teacher_forced(
+        fp_engine, q_engine, prompt_ids, tokens["fp"], eos, n_pos, plain, tf_batch_size, doc, log
+    )
+    for r in rows:
+        for m in plain:
+            r["modes"][m].update(tf[mode_spec(m)["tf_precision"]][r["index"]])
+    kl_by_mode = {m: kl_pooled[mode_spec(m)["tf_precision"]] for m in plain}
+    finish_stage("teacher-forced", kl_by_mode)
+
+    for m in spec_modes:
+        greedy(m)
+        for r in rows:
+            r["modes"][m].update(tf["w4a16"][r["index"]])
+        kl_by_mode[m] = kl_pooled["w4a16"]
+        doc["qspec_equality"] = qspec_equality({x: tokens[x] for x in order if x in tokens})
+        finish_stage(f"greedy {m}", kl_by_mode)
+    doc["qspec_equality"] = qspec_equality({x: tokens[x] for x in order if x in tokens})
+    doc["complete"] = True
+    doc["stages_done"].append("complete")
+    if checkpoint:
+        checkpoint(doc)
+    return doc
+
+
+def _resumable(resume: dict | None, n: int) -> dict[str, tuple[list[list[int]], dict]]:
+    """Per mode, (tokens, generation stats) a partial document holds for all `n` prompts."""
+    if not resume:
+        return {}
+    rows, gen = resume.get("rows") or [], resume.get("generation") or {}
+    out = {}
+    if len(rows) != n:
+        return out
+    for m in gen:
+        if m in MODES and all(m in r.get("modes", {}) for r in rows):
+            toks = [[int(t) for t in r["modes"][m]["tokens"]] for r in rows]
+            out[m] = (toks, {k: v for k, v in gen[m].items() if k != "resumed"})
+    return out
+
+
+def _generate_mode(
+    m, fp_engine, q_engine, prompt_ids, batches, max_new_tokens, gamma, rows, tokens, doc, eos, log
+):
+    """Greedy generation of one mode over all batches; fills rows, tokens and doc["generation"]."""
+    spec = mode_spec(m)
+    eng = fp_engine if spec["weights"] == "float" else q_engine
+    extra = {"draft": spec["draft"], "gamma": gamma} if spec["draft"] else {}
+    toks: list[list[int]] = []
+    keys = (
+        "tokens_generated",
+        "wall_s",
+        "compile_s",
+        "draft_tokens_proposed",
+        "draft_tokens_accepted",
+        "verify_steps",
+    )
+    stats: dict[str, Any] = {k: 0 for k in keys}
+    stats["calls"] = 0
     t0 = time.perf_counter()
-    ref_cut = [cut_at_eos(tokens["fp"][i], eos, n_pos) for i in range(len(rows))]
-    seqs = [list(prompt_ids[i]) + ref_cut[i] for i in range(len(rows))]
+    for s, e in batches:
+        res = eng.generate(
+            [list(p) for p in prompt_ids[s:e]],
+            mode=spec["generate_mode"],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            **extra,
+        )
+        toks.extend([int(t) for t in r] for r in res.tokens)
+        stats["calls"] += 1
+        for k in keys:
+            v = res.stats.get(k)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                stats[k] += v
+    stats["total_s"] = time.perf_counter() - t0
+    stats["tokens_per_s"] = stats["tokens_generated"] / stats["wall_s"] if stats["wall_s"] else None
+    if spec["draft"]:
+        p, a = stats["draft_tokens_proposed"], stats["draft_tokens_accepted"]
+        stats.update(draft=spec["draft"], gamma=gamma, acceptance_rate=a / p if p else None)
+    else:
+        for k in keys[3:]:
+            del stats[k]
+    doc["generation"][m] = stats
+    tokens[m] = toks
+    for r, t in zip(rows, toks):
+        g = greedy_agreement(tokens["fp"][r["index"]], t, eos, max_new_tokens)
+        r["modes"][m] = {"tokens": t, "tf_precision": spec["tf_precision"], **g}
+    log(
+        f"{m}: {stats['tokens_generated']} tokens in {stats['total_s']:.0f} s "
+        f"(compile {stats['compile_s']:.0f} s)"
+    )
+
+
+def _teacher_forced(
+    fp_engine, q_engine, prompt_ids, fp_tokens, eos, n_pos, modes, tf_batch_size, doc, log
+):
+    """The teacher-forced pass along fp's greedy tokens, for the precisions `modes` need.
+
+    Returns:
+        (per precision a list of per-prompt dicts with tf_positions, tf_kl_sum, tf_kl_max,
+        tf_top1_matches, tf_first_top1_miss; per precision the pooled per-position KL values).
+        Also sets doc["fp_self_consistency"], doc["teacher_forced_s"], ["teacher_forced_length"].
+    """
+    t0 = time.perf_counter()
+    n = len(prompt_ids)
+    ref_cut = [cut_at_eos(fp_tokens[i], eos, n_pos) for i in range(n)]
+    seqs = [list(prompt_ids[i]) + ref_cut[i] for i in range(n)]
     length = -(-max(len(s) for s in seqs) // 16) * 16
     pad = int(getattr(fp_engine.config, "pad_token_id", 0) or 0)
-    precisions = list(dict.fromkeys(mode_spec(m)["tf_precision"] for m in order))
-    positions = [
-        teacher_forced_positions(len(prompt_ids[i]), len(ref_cut[i])) for i in range(len(rows))
-    ]
+    precisions = list(dict.fromkeys(["fp"] + [mode_spec(m)["tf_precision"] for m in modes]))
+    positions = [teacher_forced_positions(len(prompt_ids[i]), len(ref_cut[i])) for i in range(n)]
     ref_rows: dict[int, np.ndarray] = {}
     self_matches = self_total = 0
     pooled: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
-    per_prec: dict[str, list[dict]] = {p: [None] * len(rows) for p in precisions}
-    for s in range(0, len(rows), tf_batch_size):
-        idx = list(range(s, min(s + tf_batch_size, len(rows))))
+    per_prec: dict[str, list[dict]] = {p: [{} for _ in range(n)] for p in precisions}
+    for s in range(0, n, tf_batch_size):
+        idx = list(range(s, min(s + tf_batch_size, n)))
         sub = [seqs[i] for i in idx]
-        for p in precisions:
+        for p in precisions:  # "fp" first: the reference rows
             eng = fp_engine if p == "fp" else q_engine
             for j, full in _tf_rows(eng, p, sub, length, tf_batch_size, pad):
                 i = idx[j]
                 lg = full[positions[i]]
                 if p == "fp":
                     ref_rows[i] = lg
-                    am = np.argmax(lg, axis=-1)
-                    self_matches += int((am == np.asarray(ref_cut[i])).sum())
+                    self_matches += int((np.argmax(lg, axis=-1) == np.asarray(ref_cut[i])).sum())
                     self_total += len(ref_cut[i])
                 c = teacher_forced_compare(ref_rows[i], lg)
                 pooled[p].append(c["kl"])
@@ -573,19 +660,11 @@ def run_agreement(
                 }
         for i in idx:
             ref_rows.pop(i, None)
-        log(f"teacher-forced: {idx[-1] + 1}/{len(rows)} prompts ({time.perf_counter() - t0:.0f} s)")
-    for r in rows:
-        for m in order:
-            r["modes"][m].update(per_prec[mode_spec(m)["tf_precision"]][r["index"]])
-    kl_by_mode = {m: np.concatenate(pooled[mode_spec(m)["tf_precision"]]) for m in order}
+        log(f"teacher-forced: {idx[-1] + 1}/{n} prompts ({time.perf_counter() - t0:.0f} s)")
     doc["teacher_forced_s"] = time.perf_counter() - t0
     doc["teacher_forced_length"] = length
     doc["fp_self_consistency"] = self_matches / self_total if self_total else None
-    doc["summary"] = summarize_agreement(rows, order, kl_by_mode)
-    doc["complete"] = True
-    if checkpoint:
-        checkpoint(doc)
-    return doc
+    return per_prec, {p: np.concatenate(v) for p, v in pooled.items()}
 
 
 # ---------------------------------------------------------------------------------------- reporting

@@ -25,6 +25,7 @@ from qspec_jax.eval.agreement import (
     kl_divergence,
     load_prompts,
     log_softmax64,
+    markdown_table,
     match_counts,
     mode_spec,
     prefix_match_length,
@@ -266,6 +267,7 @@ def _must_not_load(args):
         (["--prompts", "/nonexistent/p.json"], "cannot read the prompts file"),
         (["--out", "x.txt"], "--out must name a .json file"),
         (["--bogus"], "unrecognized arguments"),
+        (["--replot", "/nonexistent/a.json"], "cannot read results"),
     ],
 )
 def test_bad_arguments_exit_2_one_line(capsys, argv, match):
@@ -385,6 +387,12 @@ def test_cli_end_to_end_on_tiny(tmp_path, tiny_engines, tiny_prompts, capsys):
     )
     assert abs(float(early["kl"].sum()) - got["tf_kl_sum"]) > 1e-2 * got["tf_kl_sum"]
 
+    # --replot redraws the plot from the JSON alone and prints the same table
+    os.remove(out.parent / "agree.png")
+    assert bench.main(["--replot", str(out)], load_engines=_must_not_load) == 0
+    assert os.path.exists(out.parent / "agree.png")
+    assert markdown_table(doc["summary"], doc["generation"]) in capsys.readouterr().out
+
 
 class _QSpecDiffers:
     """The tiny int4 engine, but QSpec's last token for one prompt is changed (a simulated bug)."""
@@ -423,3 +431,48 @@ def test_cli_string_prompts_on_a_model_without_tokenizer(tmp_path, tiny_engines,
     assert bench.main(argv, load_engines=lambda a: tiny_engines) == 2
     err = capsys.readouterr().err
     assert "has no tokenizer" in err and err.count("\n") == 1
+
+
+class _CountingEngine:
+    """Delegates to an engine and records the modes `generate` was called with."""
+
+    def __init__(self, engine):
+        self._e, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def generate(self, prompts, mode="fp", **kw):
+        self.calls.append(mode)
+        return self._e.generate(prompts, mode=mode, **kw)
+
+
+def test_cli_resumes_an_unfinished_file(tmp_path, tiny_engines, tiny_prompts, capsys):
+    path, _ = tiny_prompts
+    out = tmp_path / "agree.json"
+    argv = TINY_ARGS + ["--prompts", path, "--out", str(out), "--no-plot"]
+    assert bench.main(argv, load_engines=lambda a: tiny_engines) == 0
+    full = json.loads(out.read_text())
+    # an unfinished file as a stop during the QSpec stage leaves it
+    part = json.loads(out.read_text())
+    part["complete"] = False
+    del part["generation"]["qspec-w4a4"]
+    for r in part["rows"]:
+        del r["modes"]["qspec-w4a4"]
+    out.write_text(json.dumps(part))
+    fp, q = (_CountingEngine(e) for e in tiny_engines)
+    assert bench.main(argv, load_engines=lambda a: (fp, q)) == 0
+    assert "resuming from the partial results" in capsys.readouterr().out
+    assert fp.calls == [] and q.calls == ["qspec"] * 2  # only the missing mode (2 batches)
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and doc["ok"] and doc["summary"] == full["summary"]
+    assert (
+        doc["generation"]["w4a16"]["resumed"] and "resumed" not in doc["generation"]["qspec-w4a4"]
+    )
+    assert doc["resumed_from"]["modes_done"] == ["fp", "w4a16"]
+    # an unfinished file of another configuration is not silently mixed in
+    part["config"]["max_new_tokens"] = 99
+    out.write_text(json.dumps(part))
+    assert bench.main(argv, load_engines=lambda a: tiny_engines) == 2
+    err = capsys.readouterr().err
+    assert "unfinished results of another configuration" in err and err.count("\n") == 1
