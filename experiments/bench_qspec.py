@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--gammas", default="1,2,3,4,5,6")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--draft", choices=("w4a4", "w4a8"), default="w4a4", help="QSpec draft")
     ap.add_argument("--out", default="experiments/results/bench_qspec.json")
     args = ap.parse_args()
     try:
@@ -204,10 +205,17 @@ def main() -> int:
         )
         capacity = 64 * -(-(max(len(i) for i in ids) + n + 8) // 64)
         for g in gammas:
-            r = run(eng, "qspec", gamma=g, draft="w4a4")  # as timed by step_times
+            r = run(eng, "qspec", gamma=g, draft=args.draft)  # as timed by step_times
             s = r.stats
             same = sum(a == c for a, c in zip(r.tokens, base["w4a16"].tokens))
-            t = step_times(eng, len(ids) if len(ids) == b else b, g, capacity, filled=capacity // 2)
+            t = step_times(
+                eng,
+                len(ids) if len(ids) == b else b,
+                g,
+                capacity,
+                filled=capacity // 2,
+                draft=args.draft,
+            )
             per_step = s["mean_tokens_per_step"]
             predicted = per_step * t["ar"] / (g * t["draft"] + t["verify"])
             measured = s["tokens_per_s"] / w4a16_tps
@@ -216,7 +224,7 @@ def main() -> int:
             for name, cfg in (("smollm2-135m", eng.config), ("llama-2-7b", preset("llama-2-7b"))):
                 gs = args.group_size
                 ar = roofline_step(cfg, gs, dict(batch=b, positions=1), ctx, 16)
-                dr = roofline_step(cfg, gs, dict(batch=b, positions=1), ctx, 4)
+                dr = roofline_step(cfg, gs, dict(batch=b, positions=1), ctx, int(args.draft[-1]))
                 ve = roofline_step(cfg, gs, dict(batch=b, positions=g + 1), ctx, 16)
                 proj[name] = per_step * ar / (g * dr + ve)
             q = dict(
@@ -248,6 +256,7 @@ def main() -> int:
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU (XLA reference kernels)",
         quant=str(eng.qconfig),
+        draft=args.draft,
         new_tokens=n,
         weight_bytes=dict(fp_model=fp.weight_bytes, int4_model_serving_all_modes=eng.weight_bytes),
         # device bytes held before and after running every mode: no mode keeps a
