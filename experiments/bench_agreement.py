@@ -111,17 +111,13 @@ def default_out(args) -> str:
 
 def _check_args(args):
     """Everything checkable before loading a model; returns (modes, prompts, prompts sha, out)."""
-    from qspec_jax.eval.agreement import load_prompts, mode_spec  # noqa: PLC0415
+    from qspec_jax.eval import EvalUsageError  # noqa: PLC0415
+    from qspec_jax.eval.agreement import check_modes, load_prompts  # noqa: PLC0415
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        mode_spec(m)
-    if "fp" not in modes:
-        raise UsageProblem("bench_agreement.py: --modes must include fp (the reference)")
-    if any(m.startswith("qspec-") for m in modes) and "w4a16" not in modes:
-        raise UsageProblem(
-            "bench_agreement.py: a qspec mode needs w4a16 in --modes (its tokens must equal W4A16's)"
-        )
+    try:
+        modes = check_modes(m.strip() for m in args.modes.split(",") if m.strip())
+    except EvalUsageError as e:
+        raise UsageProblem(f"bench_agreement.py: --modes: {e}") from None
     for name in ("max_new_tokens", "batch_size", "tf_batch_size", "gamma"):
         if getattr(args, name) < 1:
             raise UsageProblem(

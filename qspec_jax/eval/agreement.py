@@ -404,6 +404,24 @@ def summarize_agreement(
     return out
 
 
+def check_modes(modes) -> list[str]:
+    """The modes to run, deduplicated in order; raises EvalUsageError for a bad set.
+
+    Every mode must be known (`mode_spec`), fp must be among them (the reference), and a QSpec
+    mode needs w4a16 (its tokens are checked against W4A16's).
+    """
+    modes = list(dict.fromkeys(modes))
+    for m in modes:
+        mode_spec(m)
+    if "fp" not in modes:
+        raise EvalUsageError("modes must include fp (the reference every mode is compared with)")
+    if any(m.startswith("qspec-") for m in modes) and "w4a16" not in modes:
+        raise EvalUsageError(
+            "a QSpec mode needs w4a16 in the modes (its tokens must equal W4A16's)"
+        )
+    return modes
+
+
 def run_agreement(
     fp_engine: Any,
     q_engine: Any,
@@ -450,15 +468,7 @@ def run_agreement(
     Raises:
         EvalUsageError: bad modes or arguments.
     """
-    modes = list(dict.fromkeys(modes))
-    for m in modes:
-        mode_spec(m)
-    if "fp" not in modes:
-        raise EvalUsageError("modes must include fp (the reference every mode is compared with)")
-    if any(m.startswith("qspec-") for m in modes) and "w4a16" not in modes:
-        raise EvalUsageError(
-            "QSpec modes need w4a16 in the modes (their tokens must equal W4A16's)"
-        )
+    modes = check_modes(modes)
     for name, v in (
         ("max_new_tokens", max_new_tokens),
         ("batch_size", batch_size),
