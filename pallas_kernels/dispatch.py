@@ -9,7 +9,11 @@ Every function takes ``impl``:
 * ``"xla"``: the plain-jnp path (fast on CPU: dequantize + ``jnp.dot`` for W4A16, an int8
   ``dot_general`` with int32 accumulation for W4AX, the factorised fast Hadamard transform);
 * ``"pallas"``: the Pallas kernel, compiled for the GPU (NotImplementedError propagates);
-* ``"pallas_interpret"``: the Pallas kernel in interpret mode (CPU tests; errors propagate).
+* ``"pallas_interpret"``: the Pallas kernel in interpret mode (CPU tests; errors propagate);
+* ``"cpu"``: the int4 matmuls' CPU kernels (`pallas_kernels.cpu_kernels`: AVX2 code over the
+  packed bytes, an XLA FFI custom call); auto picks it on a CPU backend when it is available, for
+  calls of at most ``CPU_KERNEL_MAX_ROWS`` rows (decode and verification; prefill's many rows
+  keep XLA's dequantize + GEMM). Functions without a CPU kernel run their XLA path.
 
 The GPU backend family used by ``"pallas"`` is module state, set with `set_gpu_backend`:
 ``"triton"`` (the default and the only one implemented: every kernel passes
@@ -32,8 +36,11 @@ from pallas_kernels import hier_attention as _hattn
 from pallas_kernels import w4a16_matmul as _w4a16
 from pallas_kernels import w4ax_matmul as _w4ax
 
-Impl = Literal["xla", "pallas", "pallas_interpret"] | None
-IMPLS = ("xla", "pallas", "pallas_interpret")
+Impl = Literal["xla", "pallas", "pallas_interpret", "cpu"] | None
+IMPLS = ("xla", "pallas", "pallas_interpret", "cpu")
+# Auto uses the CPU kernels up to this many rows (batch x positions); above it XLA's GEMM on a
+# dequantized copy is faster (the kernels re-read the weight for every 4 rows).
+CPU_KERNEL_MAX_ROWS = 64
 GPU_BACKENDS = ("triton", "mosaic")
 
 _gpu_backend = "triton"
@@ -53,16 +60,41 @@ def get_gpu_backend() -> str:
 
 
 def default_impl() -> str:
-    """ "pallas" on a GPU backend, "xla" elsewhere."""
-    return "pallas" if jax.default_backend() in ("gpu", "cuda") else "xla"
+    """ "pallas" on a GPU backend; "cpu" on a CPU backend where the CPU kernels build; else "xla"."""
+    backend = jax.default_backend()
+    if backend in ("gpu", "cuda"):
+        return "pallas"
+    if backend == "cpu":
+        from pallas_kernels import cpu_kernels  # noqa: PLC0415 (builds the library once)
+
+        if cpu_kernels.available():
+            return "cpu"
+    return "xla"
 
 
-def _dispatch(impl: Impl, pallas_fn: Callable, xla_fn: Callable, *args, **kwargs):
-    """Runs ``pallas_fn(*args, interpret=..., **kwargs)`` or ``xla_fn(*args, **kwargs)``."""
+def _dispatch(
+    impl: Impl,
+    pallas_fn: Callable,
+    xla_fn: Callable,
+    *args,
+    cpu_fn: Callable | None = None,
+    **kwargs,
+):
+    """Runs ``pallas_fn(*args, interpret=..., **kwargs)``, ``cpu_fn(*args, **kwargs)`` or
+    ``xla_fn(*args, **kwargs)``."""
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected None or one of {IMPLS}")
     auto = impl is None
     chosen = default_impl() if auto else impl
+    if chosen == "cpu":
+        if cpu_fn is None:
+            return xla_fn(*args, **kwargs)
+        try:
+            return cpu_fn(*args, **kwargs)
+        except NotImplementedError:
+            if auto:
+                return xla_fn(*args, **kwargs)
+            raise
     if chosen == "xla":
         return xla_fn(*args, **kwargs)
     try:
@@ -75,6 +107,15 @@ def _dispatch(impl: Impl, pallas_fn: Callable, xla_fn: Callable, *args, **kwargs
         if auto:
             return xla_fn(*args, **kwargs)
         raise
+
+
+def _cpu_fn(name: str, rows: int, impl: Impl) -> Callable | None:
+    """The CPU kernel `name`, or None (XLA path) when auto and the call has too many rows."""
+    if impl is None and rows > CPU_KERNEL_MAX_ROWS:
+        return None
+    from pallas_kernels import cpu_kernels  # noqa: PLC0415
+
+    return getattr(cpu_kernels, name)
 
 
 def _rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
@@ -103,7 +144,16 @@ def w4a16_matmul(
       [..., N] array of x.dtype.
     """
     x2, lead = _rows(x)  # [M, K]
-    out = _dispatch(impl, _w4a16.w4a16_matmul, _w4a16.w4a16_matmul_xla, x2, packed, scales, mins)
+    out = _dispatch(
+        impl,
+        _w4a16.w4a16_matmul,
+        _w4a16.w4a16_matmul_xla,
+        x2,
+        packed,
+        scales,
+        mins,
+        cpu_fn=_cpu_fn("w4a16_matmul_cpu", x2.shape[0], impl),
+    )
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -143,6 +193,7 @@ def w4ax_matmul(
         scales,
         mins,
         out_dtype=out_dtype,
+        cpu_fn=_cpu_fn("w4ax_matmul_cpu", a2.shape[0], impl),
     )
     return out.reshape(*lead, out.shape[-1])
 

@@ -1,0 +1,210 @@
+"""CPU int4 matmul kernels (x86-64 AVX2 + FMA) as XLA FFI custom calls: the ``"cpu"`` impl.
+
+XLA:CPU cannot fuse int4 unpacking into a dot, so `pallas_kernels.w4a16_matmul_xla` dequantizes
+each weight to a float32 copy (the decode loop hoists it: 4 bytes a weight read per token, eight
+times the packed 0.5) and `pallas_kernels.w4ax_matmul_xla` is a loop of tiny int8 dots, one per
+group. The kernels in ``csrc/int4_cpu.cc`` read the packed bytes and dequantize in registers
+next to the multiply, on the calling thread plus XLA's intra-op thread pool:
+
+* `w4a16_matmul_cpu`: float32 x [M, K] times the int4 weight, float32 FMA accumulation;
+* `w4ax_matmul_cpu`: int8 activation codes [M, K] (W4A4 / W4A8) times the int4 weight, exact
+  int32 accumulation per block (``vpmaddubsw``), the reference's float epilogue per block.
+
+Each output element is computed by the same operation sequence whatever M is, so one row's
+result never depends on the other rows of the call (QSpec's gamma + 1 verification rows equal
+autoregressive decoding's one row bit for bit). Results agree with the XLA references to float32
+rounding (W4AX: the int32 part is exact; see tests/kernels/test_cpu_kernels.py).
+
+The shared library is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``,
+a few seconds) into ``<cache root>/cpu-kernels/`` (`qspec_jax.disk_cache.cache_root`, never the
+repository), keyed by the source, the flags and the jaxlib version, and registered with
+``jax.ffi``. `available()` is False, and dispatch keeps the XLA path, when the CPU lacks AVX2 /
+FMA, no compiler works, or ``QSPEC_JAX_CPU_KERNELS=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.int4 import HALF_TILE, PACK_TILE
+
+ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "int4_cpu.cc")
+FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-fast-math")
+TARGETS = {"qspec_w4a16_int4": "QspecW4A16Int4", "qspec_w4ax_int4": "QspecW4AXInt4"}
+# Column multiples the kernels vectorize over (N must be a multiple).
+W4A16_COLS, W4AX_COLS = 8, 16
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _library_path() -> str:
+    from qspec_jax.disk_cache import cache_root  # noqa: PLC0415
+
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(
+        src + " ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode()
+    ).hexdigest()[:16]
+    return os.path.join(cache_root(), "cpu-kernels", f"int4_cpu-{key}.so")
+
+
+def _build(path: str) -> None:
+    """Compiles the source to `path` atomically (a temporary file, then rename)."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernels cannot be used here, or None when they can (builds them if needed)."""
+    with _lock:
+        if "reason" in _state:
+            return _state["reason"]  # type: ignore[return-value]
+        reason = None
+        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
+            reason = f"turned off by {ENV_SWITCH}"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            reason = f"not an x86-64 CPU ({platform.machine()})"
+        elif not {"avx2", "fma"} <= _cpu_flags():
+            reason = "the CPU lacks AVX2 / FMA"
+        else:
+            try:
+                path = _library_path()
+                if not os.path.exists(path):
+                    _build(path)
+                lib = ctypes.cdll.LoadLibrary(path)
+                for name, symbol in TARGETS.items():
+                    jax.ffi.register_ffi_target(
+                        name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                    )
+                _state["lib"] = lib
+            except (OSError, RuntimeError, AttributeError) as e:
+                reason = f"building / loading the CPU kernels failed: {e}"
+        _state["reason"] = reason
+        return reason
+
+
+def available() -> bool:
+    """True when the CPU kernels are built and registered (see `unavailable_reason`)."""
+    return unavailable_reason() is None
+
+
+def _weight_args(k: int, n: int, packed, scales, mins, cols: int):
+    if k % PACK_TILE or packed.shape != (k // 2, n) or scales.ndim != 2 or scales.shape[1] != n:
+        raise NotImplementedError(f"int4 cpu kernel: weight shapes {packed.shape}, {scales.shape}")
+    if n % cols or k % scales.shape[0] or (k // scales.shape[0]) % HALF_TILE:
+        raise NotImplementedError(
+            f"int4 cpu kernel: N={n} must be a multiple of {cols} and the group size of 32"
+        )
+    if mins is not None and mins.shape != scales.shape:
+        raise NotImplementedError("int4 cpu kernel: mins shape differs from scales")
+    dummy = jnp.zeros((1, 1), jnp.float32)
+    return (
+        packed.astype(jnp.uint8),
+        scales.astype(jnp.float32),
+        dummy if mins is None else mins.astype(jnp.float32),
+        np.int64(mins is not None),
+    )
+
+
+def w4a16_matmul_cpu(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=None) -> jax.Array:
+    """``x @ dequant(W)`` on the CPU kernel (float32 FMA; dequantized in registers).
+
+    Args:
+      x: float activations [M, K] (computed in float32).
+      packed: uint8 packed int4 codes [K/2, N].
+      scales: float scales [K/G, N].
+      mins: float mins [K/G, N] (unsigned codes) or None (signed codes).
+
+    Returns:
+      [M, N] array of x.dtype.
+
+    Raises:
+      NotImplementedError: shapes the kernel does not cover (N not a multiple of 8, ...), or
+        the kernels are unavailable here; dispatch then uses the XLA path.
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    m, k = x.shape
+    n = packed.shape[1]
+    p, s, mn, has_mins = _weight_args(k, n, packed, scales, mins, W4A16_COLS)
+    out = jax.ffi.ffi_call("qspec_w4a16_int4", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        x.astype(jnp.float32), p, s, mn, has_mins=has_mins
+    )  # [M, N]
+    return out.astype(x.dtype)
+
+
+def w4ax_matmul_cpu(
+    a_codes: jax.Array,
+    a_scales: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    mins=None,
+    *,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """W4A4 / W4A8 matmul of int8 activation codes on the CPU kernel (exact int32 blocks).
+
+    Args:
+      a_codes: int8 activation codes [M, K].
+      a_scales: float32 activation scales [M, K/Ga] (Ga a multiple of 32).
+      packed: uint8 packed int4 weight codes [K/2, N].
+      scales: weight scales [K/G, N].
+      mins: weight mins [K/G, N] or None (signed codes).
+      out_dtype: output dtype.
+
+    Returns:
+      [M, N] array of out_dtype.
+
+    Raises:
+      NotImplementedError: unsupported shapes or kernels unavailable (dispatch uses XLA).
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    m, k = a_codes.shape
+    n = packed.shape[1]
+    if a_codes.dtype != jnp.int8:
+        raise ValueError(f"a_codes must be int8, got {a_codes.dtype}")
+    if a_scales.shape[0] != m or k % a_scales.shape[1] or (k // a_scales.shape[1]) % HALF_TILE:
+        raise NotImplementedError(f"int4 cpu kernel: a_scales shape {a_scales.shape}")
+    p, s, mn, has_mins = _weight_args(k, n, packed, scales, mins, W4AX_COLS)
+    out = jax.ffi.ffi_call("qspec_w4ax_int4", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        a_codes, a_scales.astype(jnp.float32), p, s, mn, has_mins=has_mins
+    )  # [M, N]
+    return out.astype(out_dtype)

@@ -1,0 +1,117 @@
+"""The int4 matmuls' CPU kernels (`pallas_kernels.cpu_kernels`, the "cpu" impl).
+
+The shared bases check them against the references with the bases' stated bounds (float32:
+accumulation order only; W4AX: exact int32 blocks, float32 epilogue). On top: the property the
+decode loop relies on (a row's result does not depend on the other rows of the call, bit for
+bit: QSpec's gamma + 1 verification rows against autoregressive decoding's one), dispatch's
+choice, and the clear failures when the kernels cannot be built.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_test_base import W4A16Base, W4AXBase, random_activation_codes, random_weight
+
+from pallas_kernels import cpu_kernels, dispatch
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(),
+    reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}",
+)
+
+
+class TestW4A16Cpu(W4A16Base):
+    IMPL = "cpu"
+
+
+class TestW4AXCpu(W4AXBase):
+    IMPL = "cpu"
+
+
+_w4a16 = jax.jit(cpu_kernels.w4a16_matmul_cpu)
+_w4ax = jax.jit(cpu_kernels.w4ax_matmul_cpu)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("m", [2, 4, 5, 8, 17])
+def test_rows_are_independent_w4a16(m, asym):
+    """Row i of an M-row call equals the same row computed alone, bit for bit."""
+    k, n = 576, 960
+    packed, scales, mins = random_weight(jax.random.key(m), k, n, 32 if asym else 64, asym)
+    x = jax.random.normal(jax.random.key(100 + m), (m, k))  # [M, K]
+    y = np.asarray(_w4a16(x, packed, scales, mins))  # [M, N]
+    for i in range(m):
+        np.testing.assert_array_equal(
+            y[i], np.asarray(_w4a16(x[i : i + 1], packed, scales, mins))[0]
+        )
+
+
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("m", [3, 8])
+def test_rows_are_independent_w4ax(m, asym):
+    k, n = 1536, 576
+    packed, scales, mins = random_weight(jax.random.key(m), k, n, 32, asym)
+    a, sa = random_activation_codes(jax.random.key(200 + m), m, k, 8, 32)
+    y = np.asarray(_w4ax(a, sa, packed, scales, mins))  # [M, N]
+    for i in range(m):
+        one = _w4ax(a[i : i + 1], sa[i : i + 1], packed, scales, mins)
+        np.testing.assert_array_equal(y[i], np.asarray(one)[0])
+
+
+def test_w4ax_integer_part_is_exact():
+    """Per-channel weights, per-token activations: one int32 block over all of K, so the
+    result is float(int32 dot) * sa * sw exactly (the float epilogue's two products only)."""
+    m, k, n = 3, 1536, 576
+    a, sa = random_activation_codes(jax.random.key(7), m, k, 8, 0)
+    packed, scales, _ = random_weight(jax.random.key(8), k, n, 0, False)
+    from pallas_kernels.int4 import unpack_int4
+
+    codes = np.asarray(unpack_int4(packed, signed=True), np.int64)  # [K, N]
+    dot = np.asarray(a, np.int64) @ codes  # exact
+    want = (dot.astype(np.float32) * np.asarray(sa, np.float32)) * np.asarray(scales, np.float32)
+    np.testing.assert_array_equal(np.asarray(_w4ax(a, sa, packed, scales)), want)
+
+
+def test_auto_picks_cpu_kernels_for_few_rows_only():
+    packed, scales, mins = random_weight(jax.random.key(9), 576, 960, 32, True)
+
+    def custom_calls(m):
+        x = jnp.ones((m, 576))
+        hlo = jax.jit(lambda x: dispatch.w4a16_matmul(x, packed, scales, mins)).lower(x).as_text()
+        return hlo.count("qspec_w4a16_int4")
+
+    assert dispatch.default_impl() == "cpu"
+    assert custom_calls(1) == 1 and custom_calls(dispatch.CPU_KERNEL_MAX_ROWS) == 1
+    assert custom_calls(dispatch.CPU_KERNEL_MAX_ROWS + 1) == 0  # prefill: XLA's GEMM
+
+
+def test_unsupported_shape_falls_back_under_auto():
+    # N = 36 is not a multiple of 8 columns: "cpu" refuses it, auto runs the XLA path.
+    packed, scales, mins = random_weight(jax.random.key(10), 128, 36, 64, True)
+    x = jax.random.normal(jax.random.key(11), (3, 128))
+    with pytest.raises(NotImplementedError, match="multiple of 8"):
+        dispatch.w4a16_matmul(x, packed, scales, mins, impl="cpu")
+    y = dispatch.w4a16_matmul(x, packed, scales, mins)
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(dispatch.w4a16_matmul(x, packed, scales, mins, impl="xla"))
+    )
+
+
+def test_switched_off_and_build_failure_say_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.unavailable_reason() == f"turned off by {cpu_kernels.ENV_SWITCH}"
+    assert not cpu_kernels.available()
+    with pytest.raises(NotImplementedError, match="turned off"):
+        cpu_kernels.w4a16_matmul_cpu(
+            jnp.ones((1, 64)), *random_weight(jax.random.key(1), 64, 8, 32, True)
+        )
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    monkeypatch.setenv("QSPEC_JAX_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", "/bin/false")
+    reason = cpu_kernels.unavailable_reason()
+    assert reason.startswith("building / loading the CPU kernels failed")
+    assert not list((tmp_path / "cpu-kernels").glob("*.so"))  # no partial library left
