@@ -11,9 +11,9 @@ Every function takes ``impl``:
 * ``"pallas"``: the Pallas kernel, compiled for the GPU (NotImplementedError propagates);
 * ``"pallas_interpret"``: the Pallas kernel in interpret mode (CPU tests; errors propagate);
 * ``"cpu"``: the int4 matmuls' CPU kernels (`pallas_kernels.cpu_kernels`: AVX2 code over the
-  packed bytes, an XLA FFI custom call); auto picks it on a CPU backend when it is available, for
-  calls of at most ``CPU_KERNEL_MAX_ROWS`` rows (decode and verification; prefill's many rows
-  keep XLA's dequantize + GEMM). Functions without a CPU kernel run their XLA path.
+  packed bytes, an XLA FFI custom call); auto picks it on a CPU backend when it is available (the
+  decoding loop's prefill asks `prefill_impl`, which keeps XLA's dequantize + GEMM for the
+  prompt's many rows). Functions without a CPU kernel run their XLA path.
 
 The GPU backend family used by ``"pallas"`` is module state, set with `set_gpu_backend`:
 ``"triton"`` (the default and the only one implemented: every kernel passes
@@ -38,9 +38,6 @@ from pallas_kernels import w4ax_matmul as _w4ax
 
 Impl = Literal["xla", "pallas", "pallas_interpret", "cpu"] | None
 IMPLS = ("xla", "pallas", "pallas_interpret", "cpu")
-# Auto uses the CPU kernels up to this many rows (batch x positions); above it XLA's GEMM on a
-# dequantized copy is faster (the kernels re-read the weight for every 4 rows).
-CPU_KERNEL_MAX_ROWS = 64
 GPU_BACKENDS = ("triton", "mosaic")
 
 _gpu_backend = "triton"
@@ -109,13 +106,23 @@ def _dispatch(
         raise
 
 
-def _cpu_fn(name: str, rows: int, impl: Impl) -> Callable | None:
-    """The CPU kernel `name`, or None (XLA path) when auto and the call has too many rows."""
-    if impl is None and rows > CPU_KERNEL_MAX_ROWS:
-        return None
+def _cpu_fn(name: str) -> Callable:
     from pallas_kernels import cpu_kernels  # noqa: PLC0415
 
     return getattr(cpu_kernels, name)
+
+
+def prefill_impl(impl: Impl) -> Impl:
+    """The impl for a prompt prefill: XLA's dequantize + GEMM where auto would pick the CPU
+    kernels (they re-read the weight for every 4 rows, so many-row calls are XLA's strength).
+
+    Decode-time forwards (autoregressive steps, drafts, verification, trees) all keep `impl`
+    whatever their row count: QSpec's verification must run the same kernel as autoregressive
+    decoding for its output to equal it bit for bit.
+    """
+    if impl is None and default_impl() == "cpu":
+        return "xla"
+    return impl
 
 
 def _rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
@@ -152,7 +159,7 @@ def w4a16_matmul(
         packed,
         scales,
         mins,
-        cpu_fn=_cpu_fn("w4a16_matmul_cpu", x2.shape[0], impl),
+        cpu_fn=_cpu_fn("w4a16_matmul_cpu"),
     )
     return out.reshape(*lead, out.shape[-1])
 
@@ -193,7 +200,7 @@ def w4ax_matmul(
         scales,
         mins,
         out_dtype=out_dtype,
-        cpu_fn=_cpu_fn("w4ax_matmul_cpu", a2.shape[0], impl),
+        cpu_fn=_cpu_fn("w4ax_matmul_cpu"),
     )
     return out.reshape(*lead, out.shape[-1])
 

@@ -122,6 +122,9 @@ class Engine:
         self.source = source
         self.load_info: dict[str, Any] = {}
         self._compiled: dict[tuple, Any] = {}  # (shapes, capacity, DecodeConfig) -> executable
+        # Kernel implementation for every matmul (`pallas_kernels.dispatch`): None = auto (Pallas
+        # on GPU, the CPU kernels on CPU, else XLA); "xla" / "cpu" / ... to compare paths.
+        self.impl: str | None = None
         self._logits_fns: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ properties
@@ -178,8 +181,16 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def _decode_config(
-        self, mode, max_new_tokens, temperature, top_k, top_p, gamma, draft="w4a8",
-        tree=None, levels=None,
+        self,
+        mode,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        gamma,
+        draft="w4a8",
+        tree=None,
+        levels=None,
     ) -> DecodeConfig:
         self.check_mode(mode)
         if draft not in DRAFT_PRECISIONS:
@@ -212,6 +223,7 @@ class Engine:
             eos_ids=tuple(self.config.eos_token_ids),
             gamma=gamma if mode in SPEC_MODES else 0,
             draft_precision=draft if mode == "qspec" else "w4a4",
+            impl=self.impl,
             **hs,
         )
 
@@ -220,21 +232,28 @@ class Engine:
         if kv_cache is None:
             kv_cache = "hier" if mode == "quantspec" else "float"
         if kv_cache not in KV_FORMATS:
-            raise UsageError(f"unknown kv_cache {kv_cache!r}: choose one of {', '.join(KV_FORMATS)}")
+            raise UsageError(
+                f"unknown kv_cache {kv_cache!r}: choose one of {', '.join(KV_FORMATS)}"
+            )
         if mode == "quantspec" and kv_cache != "hier":
-            raise UsageError("mode 'quantspec' drafts from the int4 halves of the hierarchical cache: "
-                             "use kv_cache='hier' (or mode 'qspec' with a float cache)")
+            raise UsageError(
+                "mode 'quantspec' drafts from the int4 halves of the hierarchical cache: "
+                "use kv_cache='hier' (or mode 'qspec' with a float cache)"
+            )
         if mode == "hspec" and kv_cache == "hier":
             raise UsageError("mode 'hspec' verifies trees, which need kv_cache='float'")
         if kv_cache == "hier":
             if self.mesh is not None:
                 raise NotImplementedError(
-                    "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)")
+                    "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)"
+                )
             if not isinstance(kv_residual, int) or kv_residual < 1:
                 raise UsageError(f"kv_residual must be a positive integer, got {kv_residual!r}")
             if dc.tokens_per_step - 1 > kv_residual:
-                raise UsageError(f"gamma {dc.gamma} is larger than kv_residual {kv_residual}: a "
-                                 "speculative step must fit the float buffer (use gamma <= R)")
+                raise UsageError(
+                    f"gamma {dc.gamma} is larger than kv_residual {kv_residual}: a "
+                    "speculative step must fit the float buffer (use gamma <= R)"
+                )
         return kv_cache
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):
@@ -346,8 +365,9 @@ class Engine:
             raise UsageError("no prompts given: pass at least one prompt")
         if mode == "hspec" and (adaptive_gamma or spec_max_active):
             raise UsageError("adaptive_gamma and spec_max_active apply to qspec only, not hspec")
-        dc = self._decode_config(mode, max_new_tokens, temperature, top_k, top_p, gamma, draft,
-                                 tree, levels)
+        dc = self._decode_config(
+            mode, max_new_tokens, temperature, top_k, top_p, gamma, draft, tree, levels
+        )
         kv_cache = self._check_kv_cache(mode, kv_cache, kv_residual, dc)
         if ignore_eos:
             dc = dataclasses.replace(dc, eos_ids=())
@@ -364,8 +384,14 @@ class Engine:
         for i, t in enumerate(padded):
             toks[i, : len(t)] = t
         lens = np.asarray([len(t) for t in padded], np.int32)
-        cache = make_cache(kv_cache, self.config, batch, capacity, residual=kv_residual,
-                           step_tokens=dc.tokens_per_step)
+        cache = make_cache(
+            kv_cache,
+            self.config,
+            batch,
+            capacity,
+            residual=kv_residual,
+            step_tokens=dc.tokens_per_step,
+        )
         toks, lens = jnp.asarray(toks), jnp.asarray(lens)
         if self.mesh is not None:
             from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415

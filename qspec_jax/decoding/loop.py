@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels import dispatch
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import PRECISIONS, LlamaConfig, QuantConfig
 from qspec_jax.decoding.sampling import (
@@ -229,8 +230,14 @@ def prefill(
     with jax.named_scope("prefill"):
         scratch = cache.prefill_cache(t)  # the float cache: itself, emptied
         logits, scratch = forward(
-            params, prompt_tokens, scratch, cfg, qcfg, dc.main_precision,
-            logits_index=prompt_lens - 1, impl=dc.impl,
+            params,
+            prompt_tokens,
+            scratch,
+            cfg,
+            qcfg,
+            dc.main_precision,
+            logits_index=prompt_lens - 1,
+            impl=dispatch.prefill_impl(dc.impl),
         )  # [batch, V]
         cache = cache.finish_prefill(scratch, prompt_lens)
     key, sub = jax.random.split(key)
@@ -345,8 +352,15 @@ def _draft(state: DecodeState, params, cfg, qcfg, dc: DecodeConfig):
         tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
         cache = cache.replace(lengths=base + i)
         logits, cache = forward(
-            params, tok, cache, cfg, qcfg, dc.draft_weights_precision,
-            logits_index=jnp.zeros((b,), jnp.int32), impl=dc.impl, kv_view="draft",
+            params,
+            tok,
+            cache,
+            cfg,
+            qcfg,
+            dc.draft_weights_precision,
+            logits_index=jnp.zeros((b,), jnp.int32),
+            impl=dc.impl,
+            kv_view="draft",
         )  # [batch, V]
         key, sub = jax.random.split(key)
         if sc.greedy:

@@ -73,17 +73,18 @@ def test_w4ax_integer_part_is_exact():
     np.testing.assert_array_equal(np.asarray(_w4ax(a, sa, packed, scales)), want)
 
 
-def test_auto_picks_cpu_kernels_for_few_rows_only():
+def test_auto_picks_cpu_kernels_at_any_row_count_but_prefill_keeps_xla():
     packed, scales, mins = random_weight(jax.random.key(9), 576, 960, 32, True)
 
-    def custom_calls(m):
+    def custom_calls(m, impl=None):
         x = jnp.ones((m, 576))
-        hlo = jax.jit(lambda x: dispatch.w4a16_matmul(x, packed, scales, mins)).lower(x).as_text()
-        return hlo.count("qspec_w4a16_int4")
+        fn = jax.jit(lambda x: dispatch.w4a16_matmul(x, packed, scales, mins, impl=impl))
+        return fn.lower(x).as_text().count("qspec_w4a16_int4")
 
     assert dispatch.default_impl() == "cpu"
-    assert custom_calls(1) == 1 and custom_calls(dispatch.CPU_KERNEL_MAX_ROWS) == 1
-    assert custom_calls(dispatch.CPU_KERNEL_MAX_ROWS + 1) == 0  # prefill: XLA's GEMM
+    assert custom_calls(1) == 1 and custom_calls(300) == 1  # decode / verify of any width
+    assert dispatch.prefill_impl(None) == "xla" and custom_calls(300, "xla") == 0
+    assert dispatch.prefill_impl("cpu") == "cpu"  # an explicit choice is kept
 
 
 def test_unsupported_shape_falls_back_under_auto():

@@ -1,0 +1,162 @@
+"""The CPU int4 kernels against XLA's path, end to end in the engine, in one run.
+
+For each batch size and each decoding mode (fp, w4a16, w4a8, w4a4, QSpec with a W4A8 draft at
+the given gammas), the engine's own compiled program is timed with the matmuls on XLA's path
+(`impl="xla"`: dequantized float32 weight copy + dot; per-group int8 dot loop) and on the CPU
+kernels (`impl="cpu"`, `pallas_kernels.cpu_kernels`). Time per token = (wall(41 tokens) -
+wall(9 tokens)) / 32, so prefill and compilation drop out; the two implementations alternate
+within each round and the median of --rounds rounds is reported, with every mode's ratio to
+W4A16 on the same implementation. QSpec's tokens are checked against W4A16's on the same
+implementation (they must be identical). Quantization: the shipped GGUF's codes (quant="gguf").
+
+    python experiments/bench_cpu_kernels.py [--batches 1,8] [--gammas 1,3] [--rounds 3]
+
+Writes experiments/results/bench_cpu_kernels.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPTS = [
+    "Explain in a few sentences why the sky is blue.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "List three differences between lists and tuples in Python.",
+    "Write a haiku about autumn leaves.",
+]
+IMPLS = ("xla", "cpu")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--gammas", default="1,3")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="experiments/results/bench_cpu_kernels.json")
+    args = ap.parse_args()
+    try:
+        batches = [int(x) for x in args.batches.split(",")]
+        gammas = [int(x) for x in args.gammas.split(",")]
+        if args.rounds < 1 or min(batches) < 1 or min(gammas) < 1:
+            raise ValueError
+    except ValueError:
+        print(
+            "error: --batches and --gammas take comma-separated positive integers, --rounds >= 1",
+            file=sys.stderr,
+        )
+        return 2
+
+    import qspec_jax
+    from pallas_kernels import cpu_kernels
+
+    if not cpu_kernels.available():
+        print(
+            f"error: CPU kernels unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr
+        )
+        return 2
+    eng = qspec_jax.load("smollm2-135m", quant="gguf")
+    fp = qspec_jax.load("smollm2-135m")
+    modes = [("fp", {}), ("w4a16", {}), ("w4a8", {}), ("w4a4", {})] + [
+        ("qspec", dict(gamma=g, draft="w4a8")) for g in gammas
+    ]
+    t_start = time.time()
+    results = []
+    for b in batches:
+        ids = eng.encode((PROMPTS * b)[:b], chat=True)
+        times: dict[tuple, list[float]] = {}
+        info: dict[tuple, dict] = {}
+        for rnd in range(args.rounds):
+            for impl in IMPLS if rnd % 2 == 0 else IMPLS[::-1]:
+                for mode, kw in modes:
+                    e = fp if mode == "fp" else eng
+                    e.impl = impl
+                    if rnd == 0:  # compile both programs (one bucket) before timing
+                        e.generate(ids, mode=mode, max_new_tokens=41, ignore_eos=True, **kw)
+                    short = e.generate(ids, mode=mode, max_new_tokens=9, ignore_eos=True, **kw)
+                    long = e.generate(ids, mode=mode, max_new_tokens=41, ignore_eos=True, **kw)
+                    key = (impl, mode, kw.get("gamma", 0))
+                    times.setdefault(key, []).append(
+                        (long.stats["wall_s"] - short.stats["wall_s"]) / (32 * b)
+                    )
+                    info[key] = dict(tokens=long.tokens, stats=long.stats)
+        for key, ts in times.items():
+            impl, mode, g = key
+            ms = 1e3 * statistics.median(ts)
+            w16 = 1e3 * statistics.median(times[(impl, "w4a16", 0)])
+            row = dict(
+                batch=b,
+                impl=impl,
+                mode=mode,
+                gamma=g,
+                ms_per_token=ms,
+                tokens_per_s=1e3 / ms,
+                vs_w4a16=w16 / ms,
+                vs_xla=1e3 * statistics.median(times[("xla", mode, g)]) / ms,
+                runs_ms=[1e3 * t for t in ts],
+            )
+            if mode == "qspec":
+                st = info[key]["stats"]
+                row.update(
+                    acceptance=st["acceptance_rate"],
+                    tokens_per_step=st["mean_tokens_per_step"],
+                    same_tokens_as_w4a16=info[key]["tokens"] == info[(impl, "w4a16", 0)]["tokens"],
+                )
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "runs_ms"}), flush=True)
+    meta = dict(
+        command="python " + " ".join(sys.argv),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
+        seconds=time.time() - t_start,
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+        load_average=os.getloadavg(),
+        quant=str(eng.qconfig),
+    )
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=2)
+    os.replace(tmp, args.out)
+    print(
+        f"\n{meta['date']}, {meta['machine']}, load {meta['load_average']}: `{meta['command']}`\n"
+    )
+    print(
+        "| batch | mode | XLA path ms/token | CPU kernels ms/token | kernels vs XLA | "
+        "kernels: vs W4A16 | QSpec acceptance | QSpec == W4A16 |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        if r["impl"] != "cpu":
+            continue
+        x = next(
+            q
+            for q in results
+            if q["impl"] == "xla"
+            and q["mode"] == r["mode"]
+            and q["gamma"] == r["gamma"]
+            and q["batch"] == r["batch"]
+        )
+        name = r["mode"] + (f" γ={r['gamma']} (W4A8 draft)" if r["mode"] == "qspec" else "")
+        acc = f"{r['acceptance']:.2f}" if "acceptance" in r else ""
+        same = (
+            f"{r['same_tokens_as_w4a16']} / {x['same_tokens_as_w4a16']}"
+            if "acceptance" in r
+            else ""
+        )
+        print(
+            f"| {r['batch']} | {name} | {x['ms_per_token']:.1f} | {r['ms_per_token']:.1f} | "
+            f"{r['vs_xla']:.2f}x | {r['vs_w4a16']:.2f}x | {acc} | {same} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
