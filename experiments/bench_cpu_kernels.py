@@ -4,8 +4,9 @@ For each batch size and each decoding mode (fp, w4a16, w4a8, w4a4, QSpec with a 
 the given gammas), the engine's own compiled program is timed with the matmuls on XLA's path
 (`impl="xla"`: dequantized float32 weight copy + dot; per-group int8 dot loop) and on the CPU
 kernels (`impl="cpu"`, `pallas_kernels.cpu_kernels`). Time per token = (wall(41 tokens) -
-wall(9 tokens)) / 32, so prefill and compilation drop out; the two implementations alternate
-within each round and the median of --rounds rounds is reported, with every mode's ratio to
+wall(9 tokens)) / 32 with each wall the median of --reps calls, so prefill and compilation drop
+out; the two implementations alternate within each round and the median of --rounds rounds is
+reported, with every mode's ratio to
 W4A16 on the same implementation. QSpec's tokens are checked against W4A16's on the same
 implementation (they must be identical). Quantization: the shipped GGUF's codes (quant="gguf").
 
@@ -41,16 +42,17 @@ def main() -> int:
     ap.add_argument("--batches", default="1")
     ap.add_argument("--gammas", default="1,3")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="calls per length per round (median)")
     ap.add_argument("--out", default="experiments/results/bench_cpu_kernels.json")
     args = ap.parse_args()
     try:
         batches = [int(x) for x in args.batches.split(",")]
         gammas = [int(x) for x in args.gammas.split(",")]
-        if args.rounds < 1 or min(batches) < 1 or min(gammas) < 1:
+        if min(args.rounds, args.reps) < 1 or min(batches) < 1 or min(gammas) < 1:
             raise ValueError
     except ValueError:
         print(
-            "error: --batches and --gammas take comma-separated positive integers, --rounds >= 1",
+            "error: --batches and --gammas take comma-separated positive integers, --rounds and --reps >= 1",
             file=sys.stderr,
         )
         return 2
@@ -81,11 +83,16 @@ def main() -> int:
                     e.impl = impl
                     if rnd == 0:  # compile both programs (one bucket) before timing
                         e.generate(ids, mode=mode, max_new_tokens=41, ignore_eos=True, **kw)
-                    short = e.generate(ids, mode=mode, max_new_tokens=9, ignore_eos=True, **kw)
-                    long = e.generate(ids, mode=mode, max_new_tokens=41, ignore_eos=True, **kw)
+                    walls = {9: [], 41: []}
+                    for _ in range(args.reps):
+                        for n in walls:
+                            long = e.generate(
+                                ids, mode=mode, max_new_tokens=n, ignore_eos=True, **kw
+                            )
+                            walls[n].append(long.stats["wall_s"])
                     key = (impl, mode, kw.get("gamma", 0))
                     times.setdefault(key, []).append(
-                        (long.stats["wall_s"] - short.stats["wall_s"]) / (32 * b)
+                        (statistics.median(walls[41]) - statistics.median(walls[9])) / (32 * b)
                     )
                     info[key] = dict(tokens=long.tokens, stats=long.stats)
         for key, ts in times.items():

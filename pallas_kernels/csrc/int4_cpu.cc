@@ -51,9 +51,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
   };
   auto state = std::make_shared<State>();
   const F* f = &fn;
-  // Pool threads may run with another MXCSR (XLA sets flush-to-zero / denormals-are-zero on
-  // its own threads): every chunk runs under the caller's, so results do not depend on which
-  // thread computed them.
+  // Every chunk runs under the caller's MXCSR (rounding, flush-to-zero), so a result cannot
+  // depend on which thread computed it (a precaution: the pool threads measured had the same).
   const unsigned int csr = _mm_getcsr();
   auto work = [state, chunks, chunk, n, f, csr]() {
     const unsigned int saved = _mm_getcsr();
@@ -284,9 +283,13 @@ void W4AX(ffi::ThreadPool& pool, const int8_t* a, const float* as, const uint8_t
     }
   constexpr int64_t kCols = 16;
   const int64_t col_blocks = n / kCols;
-  // Single-threaded for now: spread over XLA's intra-op pool, this kernel's results changed
-  // between identical calls (about one call in five, by up to 8e-5 relative) and the cause
-  // is not found yet; the float W4A16 kernel shows no such effect (tests check both).
+  // Single-threaded for now. Spread over XLA's intra-op pool (by (column block, row) units,
+  // by column blocks, or into a private buffer), identical calls gave results that differed
+  // chunk by chunk in float32 rounding (up to a quarter of the elements, ~1e-5 absolute),
+  // depending on which thread ran a chunk, with identical inputs (checksummed in the kernel),
+  // MXCSR forced to one value on every thread, every output written, and the process pinned
+  // to one core. Cause not found. On the calling thread only it was deterministic over 400
+  // calls; the W4A16 kernel, threaded, too (tests/kernels/test_kernels_cpu.py checks both).
   (void)pool;
   for (int64_t cb = 0; cb < col_blocks; ++cb)
     for (int64_t i = 0; i < m; ++i)
