@@ -41,7 +41,16 @@ from pallas_kernels.int4 import HALF_TILE, PACK_TILE
 
 ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "int4_cpu.cc")
-FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-fast-math")
+FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-mavx2",
+    "-mfma",
+    "-fPIC",
+    "-shared",
+    "-fno-fast-math",
+    "-ffp-contract=off",  # the same rounding in every inlined copy (see csrc/int4_cpu.cc)
+)
 TARGETS = {"qspec_w4a16_int4": "QspecW4A16Int4", "qspec_w4ax_int4": "QspecW4AXInt4"}
 # Column multiples the kernels vectorize over (N must be a multiple).
 W4A16_COLS, W4AX_COLS = 8, 16

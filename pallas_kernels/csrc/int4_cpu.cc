@@ -14,7 +14,10 @@
 // Determinism: every output element is computed by the same sequence of floating-point
 // operations whatever M (the number of rows) is and whichever thread computes it, so a row's
 // result does not depend on the other rows in the call. That is what keeps QSpec's verification
-// (gamma + 1 rows) bit-identical to autoregressive decoding (1 row). Built without -ffast-math.
+// (gamma + 1 rows) bit-identical to autoregressive decoding (1 row). Built without -ffast-math
+// and with -ffp-contract=off: g++ contracts a * b + c into an FMA by default in C++, and did so
+// differently in the two inlined copies of the W4AX row code (the calling thread's and the
+// pool's), which made identical calls differ in float32 rounding chunk by chunk.
 
 #include <immintrin.h>
 
@@ -283,18 +286,14 @@ void W4AX(ffi::ThreadPool& pool, const int8_t* a, const float* as, const uint8_t
     }
   constexpr int64_t kCols = 16;
   const int64_t col_blocks = n / kCols;
-  // Single-threaded for now. Spread over XLA's intra-op pool (by (column block, row) units,
-  // by column blocks, or into a private buffer), identical calls gave results that differed
-  // chunk by chunk in float32 rounding (up to a quarter of the elements, ~1e-5 absolute),
-  // depending on which thread ran a chunk, with identical inputs (checksummed in the kernel),
-  // MXCSR forced to one value on every thread, every output written, and the process pinned
-  // to one core. Cause not found. On the calling thread only it was deterministic over 400
-  // calls; the W4A16 kernel, threaded, too (tests/kernels/test_kernels_cpu.py checks both).
-  (void)pool;
-  for (int64_t cb = 0; cb < col_blocks; ++cb)
-    for (int64_t i = 0; i < m; ++i)
-      W4AXRow<kSigned, kMins>(a + i * k, as + i * nga, ga, rsum.data() + i * blocks, packed,
-                              scales, mins, k, n, g, c, cb * kCols, out + i * n);
+  const int64_t threads = pool.num_threads() + 1;
+  const int64_t chunk = std::max<int64_t>(2, (col_blocks + 2 * threads - 1) / (2 * threads));
+  ParallelFor(pool, col_blocks, chunk, [&](int64_t b0, int64_t b1) {
+    for (int64_t cb = b0; cb < b1; ++cb)
+      for (int64_t i = 0; i < m; ++i)
+        W4AXRow<kSigned, kMins>(a + i * k, as + i * nga, ga, rsum.data() + i * blocks, packed,
+                                scales, mins, k, n, g, c, cb * kCols, out + i * n);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
