@@ -17,13 +17,14 @@ rounding (W4AX: the int32 part is exact; see tests/kernels/test_cpu_kernels.py).
 
 The shared library is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``,
 a few seconds) into ``<cache root>/cpu-kernels/`` (`qspec_jax.disk_cache.cache_root`, never the
-repository), keyed by the source, the flags and the jaxlib version, and registered with
-``jax.ffi``. `available()` is False, and dispatch keeps the XLA path, when the CPU lacks AVX2 /
+repository; a temporary directory when ``QSPEC_JAX_COMPILE_CACHE=0`` asks for no disk cache),
+keyed by the source, the flags and the jaxlib version, and registered with ``jax.ffi``. `available()` is False, and dispatch keeps the XLA path, when the CPU lacks AVX2 /
 FMA, no compiler works, or ``QSPEC_JAX_CPU_KERNELS=0``.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -71,14 +72,22 @@ def _cpu_flags() -> set[str]:
 
 
 def _library_path() -> str:
-    from qspec_jax.disk_cache import cache_root  # noqa: PLC0415
+    """Where the library lives: the cache root's cpu-kernels/, or, when the user turned the
+    compilation cache off (``QSPEC_JAX_COMPILE_CACHE=0``: write nothing there), a private
+    temporary directory removed at exit."""
+    from qspec_jax.disk_cache import cache_root, compile_cache_enabled  # noqa: PLC0415
 
     with open(SOURCE, "rb") as f:
         src = f.read()
     key = hashlib.sha256(
         src + " ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode()
     ).hexdigest()[:16]
-    return os.path.join(cache_root(), "cpu-kernels", f"int4_cpu-{key}.so")
+    name = f"int4_cpu-{key}.so"
+    if not compile_cache_enabled():
+        tmp = tempfile.mkdtemp(prefix="qspec-jax-cpu-kernels-")
+        atexit.register(shutil.rmtree, tmp, True)
+        return os.path.join(tmp, name)
+    return os.path.join(cache_root(), "cpu-kernels", name)
 
 
 def _build(path: str) -> None:
