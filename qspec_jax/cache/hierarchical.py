@@ -457,7 +457,7 @@ class HierKVCache:
         """
         impl = self.layout.attention_impl
         auto = impl == "auto"
-        if impl == "xla" or (auto and dispatch.default_impl() == "xla"):
+        if impl == "xla" or (auto and dispatch.default_impl() != "pallas"):
             return None
         layer = jnp.asarray(layer, jnp.int32)
         lo = view == "target"  # the draft view never reads (or passes) the lower halves
