@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="load no model: write the table from the items recorded so far (an unfinished run)",
+    )
     return p
 
 
@@ -192,7 +197,14 @@ def _utc() -> str:
 
 def run(args, argv: list[str], load_engine=None) -> int:
     from qspec_jax.eval import check_eval_args, run_eval, write_json_atomic  # noqa: PLC0415
-    from qspec_jax.eval.table import check_resume, combine, plan_runs, plot_table, table_markdown  # noqa: PLC0415
+    from qspec_jax.eval.table import (  # noqa: PLC0415
+        check_resume,
+        combine,
+        plan_runs,
+        plot_table,
+        summary_from_partial,
+        table_markdown,
+    )
 
     tasks, limits, name, runs_name = check_args(args)
     out = os.path.abspath(args.out)
@@ -239,6 +251,11 @@ def run(args, argv: list[str], load_engine=None) -> int:
     engines: dict[str, object] = {}
     summaries: dict[str, dict[str, dict]] = {}
     for r in runs:
+        if args.report_only:
+            s = summary_from_partial(r)
+            if s is not None:
+                summaries.setdefault(r.task, {})[r.key] = s
+            continue
         if r.engine not in engines:
             engines[r.engine] = (load_engine or _load_engine)(r.engine, args)
         lim = limits[r.task]
@@ -265,6 +282,9 @@ def run(args, argv: list[str], load_engine=None) -> int:
             draft=r.draft,
         )
 
+    for t in tasks:
+        if args.report_only and t not in summaries and t not in skipped:
+            skipped[t] = "no items recorded yet (--report-only)"
     config = {
         "model": args.model,
         "quant": args.quant,
@@ -276,11 +296,13 @@ def run(args, argv: list[str], load_engine=None) -> int:
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "temperature": 0.0,
+        "report_only": bool(args.report_only),
         "runs": {f"{r.task}/{r.key}": os.path.relpath(r.path, out) for r in runs},
     }
     table = combine(summaries, config, skipped)
     table["invocations"] = previous + [
         {
+            "report_only": bool(args.report_only),
             "command": "python experiments/eval_table.py " + shlex.join(argv),
             "started_utc": started,
             "finished_utc": _utc(),

@@ -34,6 +34,7 @@ __all__ = [
     "plan_runs",
     "plot_table",
     "row_label",
+    "summary_from_partial",
     "table_markdown",
 ]
 
@@ -110,6 +111,23 @@ def check_resume(run: TableRun, expected: dict[str, Any]) -> None:
                 f"the partial results file {ppath} was written with {k} {cfg[k]!r}, not {v!r}: "
                 "pass the same options to resume, or delete the file to start over"
             )
+
+
+def summary_from_partial(run: TableRun) -> dict | None:
+    """The `run_eval` summary of what `run`'s partial file holds so far (None if nothing).
+
+    For tables of an unfinished evaluation (``--report-only``): modes with no item yet are left
+    out, and each row counts only the items recorded (its ``n_items``).
+    """
+    from qspec_jax.eval.harness import load_partial, partial_path, summarize  # noqa: PLC0415
+
+    cfg, items, batches = load_partial(partial_path(run.path))
+    if cfg is None:
+        return None
+    modes = [m for m in run.modes if any(r["mode"] == m for r in items)]
+    if not modes:
+        return None
+    return summarize(cfg, modes, items, batches)
 
 
 def _items(summary: dict, mode: str) -> dict[str, dict]:
@@ -290,6 +308,8 @@ def table_markdown(table: dict) -> str:
             f"perplexity in chunks of {cfg.get('seq_len')} tokens; QSpec's is its W4A16 "
             "verifier's (teacher-forced), for both drafts"
         )
+    if cfg.get("report_only"):
+        setup.append("REPORT OF AN UNFINISHED RUN: each cell counts the items done so far")
     text = "\n".join(lines) + "\n\n" + "; ".join(setup) + "."
     if notes:
         text += "\n\n" + "; ".join(notes) + "."

@@ -187,6 +187,37 @@ def test_resume_after_a_crash_matches_one_run(tmp_path):
     assert rc == 0 and third.int4.generate_calls == [] and len(t3["invocations"]) == 2
 
 
+def test_report_only_tables_an_unfinished_run_without_loading(tmp_path):
+    argv = [
+        "--tasks",
+        "perplexity,math,humaneval",
+        "--limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-plot",
+    ]
+    with pytest.raises(EngineCrash):  # int4 math: w4a16 done, w4a4 half done, then a crash
+        _run(tmp_path, argv, Loader(fail_after=3))
+    rc = script.main(
+        argv + ["--report-only", "--out", str(tmp_path), "--name", "t", "--no-progress"],
+        load_engine=_must_not_load,
+    )
+    assert rc == 0
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["config"]["report_only"] is True and t["invocations"][-1]["report_only"] is True
+    rows = t["tasks"]["math"]["rows"]
+    assert sorted(rows) == ["fp", "w4a16", "w4a4"]
+    assert (
+        rows["fp"]["n_items"] == 4
+        and rows["w4a16"]["n_items"] == 4
+        and rows["w4a4"]["n_items"] == 2
+    )
+    assert len(t["tasks"]["perplexity"]["rows"]) == 6
+    assert "humaneval" not in t["tasks"] and "no items recorded yet" in t["skipped"]["humaneval"]
+    assert "REPORT OF AN UNFINISHED RUN" in (tmp_path / "t.md").read_text()
+
+
 def test_humaneval_missing_is_skipped_with_a_message(tmp_path, capsys, monkeypatch):
     loader = Loader()  # the fake engines read HumanEval when built: build them first
 
