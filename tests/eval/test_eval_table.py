@@ -74,7 +74,7 @@ def test_parse_limits():
         parse_per_task("all", ["math"], "--max-new-tokens", allow_all=False)
 
 
-def test_plan_runs_covers_every_row_once():
+def test_plan_runs_covers_every_row():
     runs = plan_runs(
         ["perplexity", "math"],
         {"perplexity": None, "math": 4},
@@ -92,8 +92,9 @@ def test_plan_runs_covers_every_row_once():
             "perplexity_all_main.json",
         ),
         ("math", "fp", ("fp",), "w4a8", "math_n4_new128_fp.json"),
-        ("math", "int4", ("w4a16", "w4a4", "w4a8", "qspec"), "w4a8", "math_n4_new128_main.json"),
+        ("math", "int4", ("w4a16", "w4a4", "qspec"), "w4a8", "math_n4_new128_main.json"),
         ("math", "int4", ("qspec",), "w4a4", "math_n4_new128_draft-w4a4.json"),
+        ("math", "int4", ("w4a16", "w4a4", "w4a8", "qspec"), "w4a8", "math_n4_new128_main.json"),
     ]
 
 
