@@ -269,7 +269,7 @@ def table_markdown(table: dict) -> str:
     head = ["mode"]
     for t in tasks:
         name = table["tasks"][t]["score_name"] or "score"
-        head.append(f"{TASK_TITLES[t]} {name}")
+        head.append(name if name == TASK_TITLES[t] else f"{TASK_TITLES[t]} {name}")
     head += [f"acceptance {TASK_TITLES[t]}" for t in gen]
     head += [f"tokens/step {TASK_TITLES[t]}" for t in gen]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join("---:" for _ in head[1:]) + "|"]
