@@ -34,21 +34,13 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from qspec_jax.eval.cli_support import Parser as _Parser  # noqa: E402
+from qspec_jax.eval.cli_support import UsageProblem, run_cli  # noqa: E402
 
 PROMPTS_FILE = os.path.join(ROOT, "experiments", "data", "agreement_prompts.json")
 OUT_DIR = os.path.join(ROOT, "experiments", "results", "quality")
 QUANT_CHOICES = ("gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
-EXIT_USAGE = 2
 EXIT_QSPEC_MISMATCH = 1
-
-
-class UsageProblem(Exception):
-    """A bad command line: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageProblem(f"{self.prog}: {message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,28 +330,11 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
     return 0
 
 
-def _is_usage_error(e: BaseException) -> bool:
-    from qspec_jax.engine import UsageError  # noqa: PLC0415
-    from qspec_jax.eval.harness import EvalUsageError  # noqa: PLC0415
-    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
-
-    return isinstance(e, (EvalUsageError, UsageError, LoadError, FileNotFoundError))
-
-
 def main(argv: list[str] | None = None, load_engines=None) -> int:
     """Entry point; `load_engines(args) -> (fp_engine, int4_engine)` replaces model loading."""
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args, load_engines, argv)
-    except UsageProblem as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:
-        if not _is_usage_error(e):
-            raise
-        msg = " ".join(str(e).split())
-        print(f"bench_agreement.py: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli(
+        "bench_agreement.py", lambda: run(build_parser().parse_args(argv), load_engines, argv)
+    )
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def main() -> int:
 
     import qspec_jax
     from pallas_kernels import cpu_kernels
+    from qspec_jax.eval.harness import write_json_atomic
 
     if not cpu_kernels.available():
         print(
@@ -128,10 +129,7 @@ def main() -> int:
         quant=str(eng.qconfig),
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=2)
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, dict(meta=meta, results=results))
     print(
         f"\n{meta['date']}, {meta['machine']}, load {meta['load_average']}: `{meta['command']}`\n"
     )

@@ -15,7 +15,6 @@ Writes experiments/results/eval/check_qspec_equality.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ def main() -> int:
         return 2
     import qspec_jax
     from qspec_jax.eval import math as m
+    from qspec_jax.eval.harness import write_json_atomic
 
     probs = m.load_problems()[lo : hi + 1]
     eng = qspec_jax.load("smollm2-135m", quant="gguf")
@@ -69,9 +69,7 @@ def main() -> int:
         load_average=os.getloadavg(),
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(dict(meta=meta, runs=runs), f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json_atomic(args.out, dict(meta=meta, runs=runs))
     return 0
 
 

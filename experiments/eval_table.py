@@ -29,18 +29,10 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qspec_jax.eval.cli_support import Parser as _Parser  # noqa: E402
+from qspec_jax.eval.cli_support import UsageProblem, run_cli  # noqa: E402
 
-EXIT_USAGE = 2
 INT4_QUANTS = ("gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
-
-
-class UsageProblem(Exception):
-    """A bad command line: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageProblem(f"{self.prog}: {message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,32 +326,14 @@ def run(args, argv: list[str], load_engine=None) -> int:
     return 0
 
 
-def _is_usage_error(e: BaseException) -> bool:
-    from qspec_jax.engine import UsageError  # noqa: PLC0415
-    from qspec_jax.eval import EvalUsageError  # noqa: PLC0415
-    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
-
-    return isinstance(e, (EvalUsageError, UsageError, LoadError, FileNotFoundError))
-
-
 def main(argv: list[str] | None = None, load_engine=None) -> int:
     """Entry point; `load_engine(kind, args) -> engine` ("fp" or "int4") replaces model loading."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args, argv, load_engine)
-    except UsageProblem as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("eval_table.py: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if not _is_usage_error(e):
-            raise
-        msg = " ".join(str(e).split())
-        print(f"eval_table.py: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli(
+        "eval_table.py",
+        lambda: run(build_parser().parse_args(argv), argv, load_engine),
+        resumable=True,
+    )
 
 
 if __name__ == "__main__":

@@ -27,20 +27,12 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qspec_jax.eval.cli_support import Parser as _Parser  # noqa: E402
+from qspec_jax.eval.cli_support import UsageProblem, run_cli  # noqa: E402
 
-EXIT_USAGE = 2
 QUANT_CHOICES = ("none", "gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 DEFAULT_LIMIT = {"math": 8, "humaneval": 4, "perplexity": None}
 DEFAULT_MAX_NEW = {"math": 256, "humaneval": 256, "perplexity": 1}
-
-
-class UsageProblem(Exception):
-    """A bad command line: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageProblem(f"{self.prog}: {message} (see --help)")
 
 
 def _limit(s: str) -> int | str:
@@ -161,31 +153,11 @@ def run(args, load_engine=None) -> int:
     return 0
 
 
-def _is_usage_error(e: BaseException) -> bool:
-    from qspec_jax.engine import UsageError  # noqa: PLC0415
-    from qspec_jax.eval import EvalUsageError  # noqa: PLC0415
-    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
-
-    return isinstance(e, (EvalUsageError, UsageError, LoadError, FileNotFoundError))
-
-
 def main(argv: list[str] | None = None, load_engine=None) -> int:
     """Entry point; `load_engine(args) -> engine` replaces model loading (tests use a fake engine)."""
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args, load_engine)
-    except UsageProblem as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:
-        if not _is_usage_error(e):
-            raise
-        msg = " ".join(str(e).split())
-        print(f"run_eval.py: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("run_eval.py: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_cli(
+        "run_eval.py", lambda: run(build_parser().parse_args(argv), load_engine), resumable=True
+    )
 
 
 if __name__ == "__main__":

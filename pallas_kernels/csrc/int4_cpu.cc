@@ -37,11 +37,14 @@ namespace {
 
 constexpr int64_t kHalf = 32;  // rows in a half tile (one nibble plane of 32 packed rows)
 
-// Runs fn(begin, end) over [0, n) in chunks, on the calling thread and on XLA's intra-op pool.
-// The caller claims chunks too and waits only for chunks another thread has claimed, so it never
-// waits on a task the pool has not started (no deadlock when the pool is busy or absent).
+// Runs fn(begin, end) over [0, n) in chunks of at least min_chunk, about two per thread, on the
+// calling thread and on XLA's intra-op pool. The caller claims chunks too and waits only for
+// chunks another thread has claimed, so it never waits on a task the pool has not started (no
+// deadlock when the pool is busy or absent).
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, const F& fn) {
+  const int64_t threads = pool.num_threads() + 1;
+  const int64_t chunk = std::max<int64_t>(min_chunk, (n + 2 * threads - 1) / (2 * threads));
   const int64_t chunks = (n + chunk - 1) / chunk;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
   if (helpers <= 0) {
@@ -54,19 +57,13 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
   };
   auto state = std::make_shared<State>();
   const F* f = &fn;
-  // Every chunk runs under the caller's MXCSR (rounding, flush-to-zero), so a result cannot
-  // depend on which thread computed it (a precaution: the pool threads measured had the same).
-  const unsigned int csr = _mm_getcsr();
-  auto work = [state, chunks, chunk, n, f, csr]() {
-    const unsigned int saved = _mm_getcsr();
-    _mm_setcsr(csr);
+  auto work = [state, chunks, chunk, n, f]() {
     for (;;) {
       const int64_t i = state->next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= chunks) break;  // a late helper touches nothing but the shared state
+      if (i >= chunks) return;  // a late helper touches nothing but the shared state
       (*f)(i * chunk, std::min(n, (i + 1) * chunk));
       state->done.fetch_add(1, std::memory_order_release);
     }
-    _mm_setcsr(saved);
   };
   for (int64_t h = 0; h < helpers; ++h) {
     auto task = work;  // Schedule takes ownership of a copy
@@ -83,11 +80,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
 // of x * code (float32 FMA, rows in order), then out = fma(acc_h, scale, out) and, with mins,
 // out = fma(min, xsum_h, out), where xsum_h is the row's sum of x over the half (in order).
 
-// One tile t (64 rows of K) of columns [n0, n0 + 8) for MB rows, added to o[i * ldo + 0..7].
+// One tile t (64 rows of K) of columns [n0, n0 + 8) for MB rows, added to o[i * n + 0..7].
 template <int MB, bool kSigned, bool kMins>
 inline void W4A16Tile(const float* x, int64_t k, const float* xsum, const uint8_t* packed,
                       const float* scales, const float* mins, int64_t n, int64_t g, int64_t t,
-                      int64_t n0, float* o, int64_t ldo) {
+                      int64_t n0, float* o) {
   const __m256i nib = _mm256_set1_epi32(0xF);
   const __m128i flip = _mm_set1_epi8(static_cast<char>(0x88));
   const __m256 eight = _mm256_set1_ps(8.0f);
@@ -115,7 +112,7 @@ inline void W4A16Tile(const float* x, int64_t k, const float* xsum, const uint8_
   const __m256 sh = _mm256_loadu_ps(scales + gh * n + n0);
   const int64_t halves = k / kHalf;
   for (int i = 0; i < MB; ++i) {
-    __m256 acc = _mm256_loadu_ps(o + i * ldo);
+    __m256 acc = _mm256_loadu_ps(o + i * n);
     acc = _mm256_fmadd_ps(al[i], sl, acc);
     if (kMins)
       acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + gl * n + n0),
@@ -124,7 +121,7 @@ inline void W4A16Tile(const float* x, int64_t k, const float* xsum, const uint8_
     if (kMins)
       acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + gh * n + n0),
                             _mm256_set1_ps(xsum[i * halves + 2 * t + 1]), acc);
-    _mm256_storeu_ps(o + i * ldo, acc);
+    _mm256_storeu_ps(o + i * n, acc);
   }
 }
 
@@ -134,13 +131,13 @@ void W4A16Rows(int64_t mb, const float* x, int64_t k, const float* xsum, const u
                float* o) {
   switch (mb) {
     case 4:
-      return W4A16Tile<4, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o, n);
+      return W4A16Tile<4, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o);
     case 3:
-      return W4A16Tile<3, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o, n);
+      return W4A16Tile<3, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o);
     case 2:
-      return W4A16Tile<2, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o, n);
+      return W4A16Tile<2, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o);
     default:
-      return W4A16Tile<1, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o, n);
+      return W4A16Tile<1, kSigned, kMins>(x, k, xsum, packed, scales, mins, n, g, t, n0, o);
   }
 }
 
@@ -162,9 +159,7 @@ void W4A16(ffi::ThreadPool& pool, const float* x, const uint8_t* packed, const f
   }
   const int64_t tiles = k / (2 * kHalf);
   const int64_t col_blocks = n / 8;
-  const int64_t threads = pool.num_threads() + 1;
-  const int64_t chunk = std::max<int64_t>(8, (col_blocks + 2 * threads - 1) / (2 * threads));
-  ParallelFor(pool, col_blocks, chunk, [&](int64_t b0, int64_t b1) {
+  ParallelFor(pool, col_blocks, 8, [&](int64_t b0, int64_t b1) {
     const int64_t c0 = b0 * 8, c1 = b1 * 8;
     for (int64_t i = 0; i < m; ++i) std::memset(out + i * n + c0, 0, (c1 - c0) * 4);
     for (int64_t t = 0; t < tiles; ++t)
@@ -286,9 +281,7 @@ void W4AX(ffi::ThreadPool& pool, const int8_t* a, const float* as, const uint8_t
     }
   constexpr int64_t kCols = 16;
   const int64_t col_blocks = n / kCols;
-  const int64_t threads = pool.num_threads() + 1;
-  const int64_t chunk = std::max<int64_t>(2, (col_blocks + 2 * threads - 1) / (2 * threads));
-  ParallelFor(pool, col_blocks, chunk, [&](int64_t b0, int64_t b1) {
+  ParallelFor(pool, col_blocks, 2, [&](int64_t b0, int64_t b1) {
     for (int64_t cb = b0; cb < b1; ++cb)
       for (int64_t i = 0; i < m; ++i)
         W4AXRow<kSigned, kMins>(a + i * k, as + i * nga, ga, rsum.data() + i * blocks, packed,
