@@ -41,7 +41,10 @@ import numpy as np
 from pallas_kernels.int4 import HALF_TILE, PACK_TILE
 
 ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "int4_cpu.cc")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+# Every C++ source compiled into the one shared library (each file registers its own handlers
+# below in TARGETS).
+SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc",))
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -77,12 +80,12 @@ def _library_path() -> str:
     temporary directory removed at exit."""
     from qspec_jax.disk_cache import cache_root, compile_cache_enabled  # noqa: PLC0415
 
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    key = hashlib.sha256(
-        src + " ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode()
-    ).hexdigest()[:16]
-    name = f"int4_cpu-{key}.so"
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            digest.update(os.path.basename(source).encode() + b"\0" + f.read())
+    digest.update(" ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode())
+    name = f"qspec_cpu-{digest.hexdigest()[:16]}.so"
     if not compile_cache_enabled():
         tmp = tempfile.mkdtemp(prefix="qspec-jax-cpu-kernels-")
         atexit.register(shutil.rmtree, tmp, True)
@@ -99,7 +102,7 @@ def _build(path: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
