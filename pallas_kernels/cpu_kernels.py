@@ -1,4 +1,4 @@
-"""CPU int4 matmul kernels (x86-64 AVX2 + FMA) as XLA FFI custom calls: the ``"cpu"`` impl.
+"""CPU int4 / int8 matmul kernels (x86-64 AVX2 + FMA) as XLA FFI custom calls: the ``"cpu"`` impl.
 
 XLA:CPU cannot fuse int4 unpacking into a dot, so `pallas_kernels.w4a16_matmul_xla` dequantizes
 each weight to a float32 copy (the decode loop hoists it: 4 bytes a weight read per token, eight
@@ -8,7 +8,9 @@ next to the multiply, on the calling thread plus XLA's intra-op thread pool:
 
 * `w4a16_matmul_cpu`: float32 x [M, K] times the int4 weight, float32 FMA accumulation;
 * `w4ax_matmul_cpu`: int8 activation codes [M, K] (W4A4 / W4A8) times the int4 weight, exact
-  int32 accumulation per block (``vpmaddubsw``), the reference's float epilogue per block.
+  int32 accumulation per block (``vpmaddubsw``), the reference's float epilogue per block;
+* `q8_matmul_cpu` (``csrc/q8_head_cpu.cc``): float32 x times an int8 matrix in GGUF's Q8_0
+  layout, the LM head when the model's head lies on that grid (`qspec_jax.model.head`).
 
 Each output element is computed by the same operation sequence whatever M is, so one row's
 result never depends on the other rows of the call (QSpec's gamma + 1 verification rows equal
@@ -44,7 +46,8 @@ ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # Every C++ source compiled into the one shared library (each file registers its own handlers
 # below in TARGETS).
-SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc",))
+SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc", "q8_head_cpu.cc"))
+HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h",))
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -55,7 +58,11 @@ FLAGS = (
     "-fno-fast-math",
     "-ffp-contract=off",  # the same rounding in every inlined copy (see csrc/int4_cpu.cc)
 )
-TARGETS = {"qspec_w4a16_int4": "QspecW4A16Int4", "qspec_w4ax_int4": "QspecW4AXInt4"}
+TARGETS = {
+    "qspec_w4a16_int4": "QspecW4A16Int4",
+    "qspec_w4ax_int4": "QspecW4AXInt4",
+    "qspec_q8_head": "QspecQ8Head",
+}
 # Column multiples the kernels vectorize over (N must be a multiple).
 W4A16_COLS, W4AX_COLS = 8, 16
 
@@ -81,7 +88,7 @@ def _library_path() -> str:
     from qspec_jax.disk_cache import cache_root, compile_cache_enabled  # noqa: PLC0415
 
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             digest.update(os.path.basename(source).encode() + b"\0" + f.read())
     digest.update(" ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode())
@@ -229,3 +236,36 @@ def w4ax_matmul_cpu(
         a_codes, a_scales.astype(jnp.float32), p, s, mn, has_mins=has_mins
     )  # [M, N]
     return out.astype(out_dtype)
+
+
+Q8_GROUP = 32  # values per Q8_0 scale
+
+
+def q8_matmul_cpu(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """``x @ (codes * scales).T`` for an int8 matrix in GGUF's Q8_0 layout (the LM head).
+
+    Args:
+      x: float activations [M, D] (computed in float32).
+      codes: int8 codes [V, D] (row v is output v's weights; the embedding's layout).
+      scales: float32 scales [V, D / 32], one per 32 consecutive codes of a row.
+
+    Returns:
+      float32 [M, V]; every output by the same operation sequence whatever M (see
+      csrc/q8_head_cpu.cc).
+
+    Raises:
+      NotImplementedError: D not a multiple of 32, or the kernels are unavailable here.
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    m, d = x.shape
+    v = codes.shape[0]
+    if d % Q8_GROUP or codes.shape != (v, d) or scales.shape != (v, d // Q8_GROUP):
+        raise NotImplementedError(
+            f"q8 cpu kernel: x {x.shape}, codes {codes.shape}, scales {scales.shape}"
+        )
+    if codes.dtype != jnp.int8:
+        raise ValueError(f"codes must be int8, got {codes.dtype}")
+    return jax.ffi.ffi_call("qspec_q8_head", jax.ShapeDtypeStruct((m, v), jnp.float32))(
+        x.astype(jnp.float32), codes, scales.astype(jnp.float32)
+    )  # [M, V]

@@ -290,6 +290,36 @@ def hadamard_transform(x: jax.Array, *, impl: Impl = None) -> jax.Array:
     return _dispatch(impl, hadamard.hadamard_transform_pallas, hadamard.hadamard_transform_xla, x)
 
 
+def q8_matmul_xla(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """Reference for `q8_matmul`: dequantize the int8 codes, then one float32 dot."""
+    v, d = codes.shape
+    w = codes.astype(jnp.float32) * jnp.repeat(scales.astype(jnp.float32), d // scales.shape[1], 1)
+    return jnp.einsum("md,vd->mv", x.astype(jnp.float32), w)  # [M, V]
+
+
+def _q8_no_pallas(*args, interpret=False):
+    raise NotImplementedError("no Pallas kernel for the int8 (Q8_0) head yet; use impl='xla'")
+
+
+def q8_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, impl: Impl = None):
+    """``x @ (codes * scales).T`` for an int8 matrix in Q8_0 layout (the LM head), float32 out.
+
+    Args:
+      x: float activations [..., D].
+      codes: int8 [V, D]; scales: float32 [V, D / 32].
+      impl: None (auto: the CPU kernel on CPU, else XLA), "xla" or "cpu". There is no Pallas
+        kernel: "pallas" raises NotImplementedError and auto uses XLA on a GPU.
+
+    Returns:
+      float32 [..., V].
+    """
+    x2, lead = _rows(x)  # [M, D]
+    out = _dispatch(
+        impl, _q8_no_pallas, q8_matmul_xla, x2, codes, scales, cpu_fn=_cpu_fn("q8_matmul_cpu")
+    )
+    return out.reshape(*lead, out.shape[-1])
+
+
 def hier_attention(
     q: jax.Array,
     q_positions: jax.Array,

@@ -56,7 +56,7 @@ import numpy as np
 
 from qspec_jax.config import LlamaConfig, QuantConfig, RopeScaling
 from qspec_jax.loading.errors import LoadError, load_error
-from qspec_jax.model.params import LayerParams, Params, stack_layers
+from qspec_jax.model.params import LayerParams, Params, is_derived, stack_layers
 from qspec_jax.quant.format import QuantizedWeight
 
 FORMAT_VERSION = 1
@@ -96,6 +96,7 @@ def _describe(node: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
         fields = {
             f.name: _describe(getattr(node, f.name), f"{prefix}{f.name}.", arrays)
             for f in dataclasses.fields(node)
+            if not is_derived(f)  # recomputed from the saved arrays (e.g. Params.head_q8)
         }
         return {"type": cls.__name__, "fields": fields}
     if isinstance(node, (jax.Array, np.ndarray)):
@@ -525,7 +526,7 @@ def _check_tree(file: str, node: Any, cls_name: str | None, prefix: str, names: 
         raise load_error(file, f"tree node {prefix[:-1] or '<root>'!r} has type "
                          f"{node['type']!r}", "re-save the checkpoint")
     fields = node["fields"]
-    want = [f.name for f in dataclasses.fields(cls)]
+    want = [f.name for f in dataclasses.fields(cls) if not is_derived(f)]
     if not isinstance(fields, dict) or list(fields) != want:
         raise load_error(
             file, f"tree node {prefix[:-1] or '<root>'!r} has fields "

@@ -37,7 +37,14 @@ from qspec_jax.decoding.loop import (
 )
 from qspec_jax.decoding.sampling import SamplingConfig
 from qspec_jax.model.llama import forward
-from qspec_jax.model.params import Params, init_params, is_quantized, unstack_layers, weight_bytes
+from qspec_jax.model.params import (
+    Params,
+    attach_q8_head,
+    init_params,
+    is_quantized,
+    unstack_layers,
+    weight_bytes,
+)
 
 QUANT_METHODS = ("none", "gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 EMBEDDED_MODEL = "smollm2-135m"
@@ -111,6 +118,9 @@ class Engine:
         if unroll_layers is None:  # per-layer arrays run ~2x faster on XLA:CPU (no slice copies)
             unroll_layers = jax.default_backend() == "cpu"
         params = unstack_layers(params) if unroll_layers else params
+        # The GGUF's Q8_0 head as int8 codes (same weights): the CPU head kernel reads 28 MB a
+        # token instead of the float32 head's 113 MB (`qspec_jax.model.params.attach_q8_head`).
+        params = attach_q8_head(params)
         self.mesh = mesh
         if mesh is not None:  # weights tensor-parallel over "model", batches over "data"
             from qspec_jax.sharding import shard_params  # noqa: PLC0415

@@ -70,7 +70,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.int4 import PACK_TILE
 from qspec_jax.model.params import LayerParams, Params
-from qspec_jax.quant.format import QuantizedWeight
+from qspec_jax.quant.format import Q8Head, QuantizedWeight
 
 AXES = ("data", "model")
 COLUMN_PARALLEL = ("wqkv", "w_gate_up")
@@ -187,6 +187,7 @@ def param_specs(params: Params, mesh: Mesh | int) -> Params:
         layers=layers,
         final_norm=rep,
         lm_head=None if params.lm_head is None else rep,
+        head_q8=None if params.head_q8 is None else Q8Head(codes=rep, scales=rep),
     )
 
 

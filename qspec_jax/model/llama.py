@@ -18,7 +18,7 @@ from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import LlamaConfig, QuantConfig
 from qspec_jax.model.attention import attention  # noqa: F401  (re-exported)
 from qspec_jax.model.linear import linear, online_hadamard
-from qspec_jax.model.params import LayerParams, Params
+from qspec_jax.model.params import LayerParams, Params, float_head
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -109,9 +109,18 @@ def _block(
     return x, cache
 
 
-def lm_head(params: Params, x: jnp.ndarray) -> jnp.ndarray:
-    """Logits [..., V] in float32 from final hidden states [..., D] (always float weights)."""
-    w = params.lm_head if params.lm_head is not None else params.embed.T  # [D, V]
+def lm_head(params: Params, x: jnp.ndarray, impl: str | None = None) -> jnp.ndarray:
+    """Logits [..., V] in float32 from final hidden states [..., D].
+
+    The weights are the float head's in every mode. When `params.head_q8` holds them as int8
+    codes (the GGUF's Q8_0 head, exactly the same values) and `impl` resolves to the CPU kernels,
+    the kernel reads those 28 MB instead of the 113 MB float copy; elsewhere XLA's float dot runs.
+    """
+    from pallas_kernels import dispatch  # noqa: PLC0415 (kernels import lazily, as in linear)
+
+    if params.head_q8 is not None and (impl or dispatch.default_impl()) == "cpu":
+        return dispatch.q8_matmul(x, params.head_q8.codes, params.head_q8.scales, impl="cpu")
+    w = float_head(params)  # [D, V]
     return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
@@ -185,5 +194,5 @@ def forward(
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [batch, D]
         x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-        logits = lm_head(params, x)
+        logits = lm_head(params, x, impl)
     return logits, cache

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qspec_jax.config import LlamaConfig
-from qspec_jax.quant.format import QuantizedWeight, Weight
+from qspec_jax.quant.format import Q8Head, QuantizedWeight, Weight, q8_head_from_float
 
 
 @struct.dataclass
@@ -50,12 +50,39 @@ class Params:
             per-layer LayerParams without the layer axis (run unrolled; see `unstack_layers`).
         final_norm: [D] final RMSNorm scale.
         lm_head: [D, V] float LM head, or None when tied to `embed`.
+        head_q8: the same head as int8 codes on its exact Q8_0 grid (`attach_q8_head`), or None.
+            Derived from the float head, never stored in checkpoints (`DERIVED`); whatever
+            replaces `embed` / `lm_head` must drop it (`params.replace(..., head_q8=None)`).
     """
 
     embed: jnp.ndarray
     layers: LayerParams
     final_norm: jnp.ndarray
     lm_head: jnp.ndarray | None = None
+    head_q8: Q8Head | None = struct.field(default=None, metadata={"derived": True})
+
+
+def is_derived(field) -> bool:
+    """True for a dataclass field computed from the others (not saved in checkpoints)."""
+    return bool(field.metadata.get("derived", False))
+
+
+def float_head(params: Params) -> jnp.ndarray:
+    """The float LM head [D, V] (the embedding's transpose when tied)."""
+    return params.lm_head if params.lm_head is not None else params.embed.T
+
+
+def attach_q8_head(params: Params) -> Params:
+    """`params` with `head_q8` set when the float head lies exactly on the Q8_0 grid.
+
+    True of every model loaded from a GGUF whose head (or tied embedding) is Q8_0, like the
+    shipped SmolLM2 file; False after a rotation (QuaRot) or for most float checkpoints, which
+    keep the float head. Costs one pass over the head (under a second for SmolLM2).
+    """
+    if params.head_q8 is not None:
+        return params
+    head = params.lm_head.T if params.lm_head is not None else params.embed  # [V, D]
+    return params.replace(head_q8=q8_head_from_float(head))
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:

@@ -130,4 +130,5 @@ def rotate_params(
         layers=layers,
         final_norm=jnp.ones_like(params.final_norm),
         lm_head=cast(head),
+        head_q8=None,  # the rotated head is no longer on the Q8_0 grid
     )
