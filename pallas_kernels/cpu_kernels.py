@@ -91,7 +91,9 @@ def _library_path() -> str:
     for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             digest.update(os.path.basename(source).encode() + b"\0" + f.read())
-    digest.update(" ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode())
+    digest.update(
+        " ".join(FLAGS).encode() + jax.lib.__version__.encode() + jax.__version__.encode()
+    )
     name = f"qspec_cpu-{digest.hexdigest()[:16]}.so"
     if not compile_cache_enabled():
         tmp = tempfile.mkdtemp(prefix="qspec-jax-cpu-kernels-")

@@ -112,7 +112,9 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
         embed=rnd(ks[7], (cfg.vocab_size, d), 1),
         layers=layers,
         final_norm=jnp.ones((d,), dt),
-        lm_head=None if cfg.tie_embeddings else rnd(jax.random.fold_in(key, 99), (d, cfg.vocab_size), d),
+        lm_head=None
+        if cfg.tie_embeddings
+        else rnd(jax.random.fold_in(key, 99), (d, cfg.vocab_size), d),
     )
 
 
