@@ -3,7 +3,9 @@
 For each batch size and each decoding mode (fp, w4a16, w4a8, w4a4, QSpec with a W4A8 draft at
 the given gammas), the engine's own compiled program is timed with the matmuls on XLA's path
 (`impl="xla"`: dequantized float32 weight copy + dot; per-group int8 dot loop) and on the CPU
-kernels (`impl="cpu"`, `pallas_kernels.cpu_kernels`). Time per token = (wall(41 tokens) -
+kernels (`impl="cpu"`, `pallas_kernels.cpu_kernels`, with the int8 Q8_0 head kernel), and on
+the CPU matmul kernels with the float32 head on XLA's dot ("cpu-f32head": the params without
+`head_q8`), which isolates the head kernel's share. Time per token = (wall(41 tokens) -
 wall(9 tokens)) / 32 with each wall the median of --reps calls, so prefill and compilation drop
 out; the two implementations alternate within each round and the median of --rounds rounds is
 reported, with every mode's ratio to
@@ -34,7 +36,7 @@ PROMPTS = [
     "List three differences between lists and tuples in Python.",
     "Write a haiku about autumn leaves.",
 ]
-IMPLS = ("xla", "cpu")
+IMPLS = ("xla", "cpu", "cpu-f32head")  # the last: CPU matmul kernels, float32 XLA head
 
 
 def main() -> int:
@@ -43,16 +45,23 @@ def main() -> int:
     ap.add_argument("--gammas", default="1,3")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="calls per length per round (median)")
+    ap.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
+    )
     ap.add_argument("--out", default="experiments/results/bench_cpu_kernels.json")
     args = ap.parse_args()
     try:
         batches = [int(x) for x in args.batches.split(",")]
         gammas = [int(x) for x in args.gammas.split(",")]
+        impls = tuple(args.impls.split(","))
         if min(args.rounds, args.reps) < 1 or min(batches) < 1 or min(gammas) < 1:
+            raise ValueError
+        if not impls or not set(impls) <= set(IMPLS) or "cpu" not in impls:
             raise ValueError
     except ValueError:
         print(
-            "error: --batches and --gammas take comma-separated positive integers, --rounds and --reps >= 1",
+            "error: --batches and --gammas take comma-separated positive integers, --rounds and "
+            f"--reps >= 1, --impls a subset of {','.join(IMPLS)} that includes cpu",
             file=sys.stderr,
         )
         return 2
@@ -68,6 +77,8 @@ def main() -> int:
         return 2
     eng = qspec_jax.load("smollm2-135m", quant="gguf")
     fp = qspec_jax.load("smollm2-135m")
+    with_head = {id(e): e.params for e in (eng, fp)}
+    float_only = {id(e): e.params.replace(head_q8=None) for e in (eng, fp)}
     modes = [("fp", {}), ("w4a16", {}), ("w4a8", {}), ("w4a4", {})] + [
         ("qspec", dict(gamma=g, draft="w4a8")) for g in gammas
     ]
@@ -78,10 +89,11 @@ def main() -> int:
         times: dict[tuple, list[float]] = {}
         info: dict[tuple, dict] = {}
         for rnd in range(args.rounds):
-            for impl in IMPLS if rnd % 2 == 0 else IMPLS[::-1]:
+            for impl in impls if rnd % 2 == 0 else impls[::-1]:
                 for mode, kw in modes:
                     e = fp if mode == "fp" else eng
-                    e.impl = impl
+                    e.impl = "cpu" if impl.startswith("cpu") else impl
+                    e.params = with_head[id(e)] if impl != "cpu-f32head" else float_only[id(e)]
                     if rnd == 0:  # compile both programs (one bucket) before timing
                         e.generate(ids, mode=mode, max_new_tokens=41, ignore_eos=True, **kw)
                     walls = {9: [], 41: []}
@@ -108,7 +120,11 @@ def main() -> int:
                 ms_per_token=ms,
                 tokens_per_s=1e3 / ms,
                 vs_w4a16=w16 / ms,
-                vs_xla=1e3 * statistics.median(times[("xla", mode, g)]) / ms,
+                vs_xla=(
+                    1e3 * statistics.median(times[("xla", mode, g)]) / ms
+                    if ("xla", mode, g) in times
+                    else None
+                ),
                 runs_ms=[1e3 * t for t in ts],
             )
             if mode == "qspec":
@@ -134,31 +150,40 @@ def main() -> int:
         f"\n{meta['date']}, {meta['machine']}, load {meta['load_average']}: `{meta['command']}`\n"
     )
     print(
-        "| batch | mode | XLA path ms/token | CPU kernels ms/token | kernels vs XLA | "
-        "kernels: vs W4A16 | QSpec acceptance | QSpec == W4A16 |"
+        "| batch | mode | XLA path ms/token | CPU kernels, float32 head | CPU kernels + int8 head "
+        "| kernels vs XLA | kernels: vs W4A16 | QSpec acceptance | QSpec == W4A16 (kernels / "
+        "float32 head / XLA) |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+
+    def other(r, impl):
+        return next(
+            (
+                q
+                for q in results
+                if q["impl"] == impl
+                and q["mode"] == r["mode"]
+                and q["gamma"] == r["gamma"]
+                and q["batch"] == r["batch"]
+            ),
+            None,
+        )
+
+    def cell(row, key, fmt):
+        return "" if row is None or row.get(key) is None else format(row[key], fmt)
+
     for r in results:
         if r["impl"] != "cpu":
             continue
-        x = next(
-            q
-            for q in results
-            if q["impl"] == "xla"
-            and q["mode"] == r["mode"]
-            and q["gamma"] == r["gamma"]
-            and q["batch"] == r["batch"]
-        )
+        x, f32h = other(r, "xla"), other(r, "cpu-f32head")
         name = r["mode"] + (f" γ={r['gamma']} (W4A8 draft)" if r["mode"] == "qspec" else "")
-        acc = f"{r['acceptance']:.2f}" if "acceptance" in r else ""
-        same = (
-            f"{r['same_tokens_as_w4a16']} / {x['same_tokens_as_w4a16']}"
-            if "acceptance" in r
-            else ""
-        )
+        acc = cell(r, "acceptance", ".2f")
+        same = " / ".join("" if q is None else str(q["same_tokens_as_w4a16"]) for q in (r, f32h, x))
         print(
-            f"| {r['batch']} | {name} | {x['ms_per_token']:.1f} | {r['ms_per_token']:.1f} | "
-            f"{r['vs_xla']:.2f}x | {r['vs_w4a16']:.2f}x | {acc} | {same} |"
+            f"| {r['batch']} | {name} | {cell(x, 'ms_per_token', '.1f')} | "
+            f"{cell(f32h, 'ms_per_token', '.1f')} | {r['ms_per_token']:.1f} | "
+            f"{cell(r, 'vs_xla', '.2f')}x | {r['vs_w4a16']:.2f}x | {acc} | "
+            f"{same if 'acceptance' in r else ''} |"
         )
     return 0
 

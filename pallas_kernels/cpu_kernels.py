@@ -10,7 +10,9 @@ next to the multiply, on the calling thread plus XLA's intra-op thread pool:
 * `w4ax_matmul_cpu`: int8 activation codes [M, K] (W4A4 / W4A8) times the int4 weight, exact
   int32 accumulation per block (``vpmaddubsw``), the reference's float epilogue per block;
 * `q8_matmul_cpu` (``csrc/q8_head_cpu.cc``): float32 x times an int8 matrix in GGUF's Q8_0
-  layout, the LM head when the model's head lies on that grid (`qspec_jax.model.head`).
+  layout, the LM head when the model's head lies on that grid (`Params.head_q8`);
+* `attention_cpu` (``csrc/attention_cpu.cc``): decode-time causal attention of a few queries
+  per sequence over the float32 KV cache, reading only the live keys.
 
 Each output element is computed by the same operation sequence whatever M is, so one row's
 result never depends on the other rows of the call (QSpec's gamma + 1 verification rows equal
@@ -46,7 +48,7 @@ ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # Every C++ source compiled into the one shared library (each file registers its own handlers
 # below in TARGETS).
-SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc", "q8_head_cpu.cc"))
+SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc"))
 HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h",))
 FLAGS = (
     "-O3",
@@ -62,6 +64,7 @@ TARGETS = {
     "qspec_w4a16_int4": "QspecW4A16Int4",
     "qspec_w4ax_int4": "QspecW4AXInt4",
     "qspec_q8_head": "QspecQ8Head",
+    "qspec_attention_f32": "QspecAttentionF32",
 }
 # Column multiples the kernels vectorize over (N must be a multiple).
 W4A16_COLS, W4AX_COLS = 8, 16
@@ -271,3 +274,39 @@ def q8_matmul_cpu(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Arra
     return jax.ffi.ffi_call("qspec_q8_head", jax.ShapeDtypeStruct((m, v), jnp.float32))(
         x.astype(jnp.float32), codes, scales.astype(jnp.float32)
     )  # [M, V]
+
+
+def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:
+    """Causal grouped-query attention over a float32 cache layer (see csrc/attention_cpu.cc).
+
+    Args:
+      q: float32 queries [B, T, H, D].
+      k, v: float32 cache [B, S, KVH, D] (the new K/V already written); H a multiple of KVH.
+      q_positions: int32 [B, T]; query (b, t) sees keys 0..q_positions[b, t].
+
+    Returns:
+      float32 [B, T, H * D]; each query row computed by the same operation sequence whatever
+      T and B are.
+
+    Raises:
+      NotImplementedError: not float32, D not a multiple of 8, or the kernels are unavailable.
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    b, t, h, d = q.shape
+    if (
+        q.dtype != jnp.float32
+        or k.dtype != jnp.float32
+        or v.dtype != jnp.float32
+        or d % 8
+        or k.shape != v.shape
+        or k.shape[0] != b
+        or k.shape[3] != d
+        or h % k.shape[2]
+    ):
+        raise NotImplementedError(
+            f"attention cpu kernel: q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, v {v.shape}"
+        )
+    return jax.ffi.ffi_call(
+        "qspec_attention_f32", jax.ShapeDtypeStruct((b, t, h * d), jnp.float32)
+    )(q, k, v, q_positions.astype(jnp.int32))  # [B, T, H * D]

@@ -320,6 +320,41 @@ def q8_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, impl: Impl =
     return out.reshape(*lead, out.shape[-1])
 
 
+DECODE_QUERY_ROWS = 32
+"""Queries per sequence up to which `attention` auto-selects the CPU kernel: every decode-time
+forward (one row per step, gamma + 1 <= 17 in verification) is under it, a prompt prefill
+(hundreds of rows, where XLA's matrix products are faster) usually is not. Both sides of an
+exactness comparison (verification and autoregressive decoding) fall on the same side."""
+
+
+def _attention_no_pallas(*args, interpret=False):
+    raise NotImplementedError("no Pallas kernel for the float-cache attention; use impl='xla'")
+
+
+def attention(q, k, v, q_positions, xla_fn: Callable, *, impl: Impl = None):
+    """Decode-time causal attention over a float cache layer (`pallas_kernels.cpu_kernels`).
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, KVH, D]; q_positions: int32 [B, T].
+      xla_fn: the XLA path, called as ``xla_fn(q, k, v, q_positions)`` (the model's dense
+        attention, `qspec_jax.model.attention.attention`).
+      impl: None (auto: the CPU kernel on a one-device CPU backend for T <= DECODE_QUERY_ROWS,
+        else XLA), "xla"
+        or "cpu". No Pallas kernel: "pallas" raises NotImplementedError, auto uses XLA.
+
+    Returns:
+      [B, T, H * D] of q.dtype.
+    """
+    if impl is None and (q.shape[1] > DECODE_QUERY_ROWS or jax.device_count() > 1):
+        # Several devices: under the sharding tests (8 host devices) the kernel's calls stalled
+        # XLA's cross-device rendezvous past its 40 s limit; multi-device runs keep XLA's path.
+        impl = "xla"
+    out = _dispatch(
+        impl, _attention_no_pallas, xla_fn, q, k, v, q_positions, cpu_fn=_cpu_fn("attention_cpu")
+    )
+    return out.astype(q.dtype)
+
+
 def hier_attention(
     q: jax.Array,
     q_positions: jax.Array,

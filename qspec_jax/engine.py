@@ -299,7 +299,13 @@ class Engine:
             the executable; compile_s is then tracing + lowering + reading it) or "compiled"
             (XLA compiled it now).
         """
-        ckey = (toks.shape, cache.capacity, jax.tree_util.tree_structure(cache), dc)
+        ckey = (
+            toks.shape,
+            cache.capacity,
+            jax.tree_util.tree_structure(cache),
+            jax.tree_util.tree_structure(self.params),  # e.g. with or without the int8 head
+            dc,
+        )
         if ckey in self._compiled:
             return self._compiled[ckey], 0.0, "memory"
         hits = disk_cache.persistent_cache_hits()

@@ -13,9 +13,19 @@ import jax.numpy as jnp
 
 
 def attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_positions: jnp.ndarray, mask=None
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    q_positions: jnp.ndarray,
+    mask=None,
+    impl: str | None = None,
 ) -> jnp.ndarray:
-    """Causal grouped-query attention of new queries over the whole cache of one layer.
+    """Causal grouped-query attention of new queries over the cache of one layer.
+
+    Without a tree mask this goes through `pallas_kernels.dispatch.attention`, which on CPU runs
+    decode-time calls on the CPU kernel (live keys only, every query row by the same operation
+    sequence whatever the number of rows: what keeps verification equal to autoregressive
+    decoding bit for bit) and everything else on `dense_attention`.
 
     Args:
         q: [batch, t, heads, head_dim] queries of the new tokens.
@@ -26,6 +36,17 @@ def attention(
     Returns:
         [batch, t, heads * head_dim].
     """
+    if mask is not None:
+        return dense_attention(q, k, v, q_positions, mask)
+    from pallas_kernels import dispatch  # noqa: PLC0415 (kernels import lazily)
+
+    return dispatch.attention(q, k, v, q_positions, dense_attention, impl=impl)
+
+
+def dense_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_positions: jnp.ndarray, mask=None
+) -> jnp.ndarray:
+    """XLA's dense attention over the whole cache capacity (arguments as in `attention`)."""
     b, t, h, hd = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, hd)  # [batch, t, kv_heads, group, hd]
