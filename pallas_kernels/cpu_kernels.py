@@ -44,7 +44,7 @@ ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # Every C++ source compiled into the one shared library (each file registers its own handlers
 # below in TARGETS).
-SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc",))
+SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc", "hier_attention_cpu.cc"))
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -56,6 +56,7 @@ FLAGS = (
     "-ffp-contract=off",  # the same rounding in every inlined copy (see csrc/int4_cpu.cc)
 )
 TARGETS = {"qspec_w4a16_int4": "QspecW4A16Int4", "qspec_w4ax_int4": "QspecW4AXInt4"}
+TARGETS["qspec_hier_attention"] = "QspecHierAttention"  # csrc/hier_attention_cpu.cc
 # Column multiples the kernels vectorize over (N must be a multiple).
 W4A16_COLS, W4AX_COLS = 8, 16
 
