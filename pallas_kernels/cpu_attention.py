@@ -20,7 +20,7 @@ Two entry points:
   itself, so XLA passes the cache buffers as they are instead of copying a layer slice into a
   custom-call operand every step.
 
-Covered: float32 queries and float32 buffers, head_dim a multiple of 16 up to 256, any GQA
+Covered: float32 queries and float32 buffers, head_dim a multiple of 32 up to 256, any GQA
 group, any t (decode, verification; prefill is not what it is for but is computed correctly).
 Anything else raises NotImplementedError, so dispatch's auto mode and the cache fall back to XLA.
 """
@@ -84,7 +84,7 @@ def hier_attention_cpu_stacked(
 
     Raises:
       NotImplementedError: the kernels are unavailable here, or shapes / dtypes it does not
-        cover (non-float32 queries or buffers, head_dim not a multiple of 16 or above 256).
+        cover (non-float32 queries or buffers, head_dim not a multiple of 32 or above 256).
       ValueError: inconsistent arrays (via `pallas_kernels.hier_attention`'s shape check).
     """
     if not cpu_kernels.available():
@@ -107,9 +107,9 @@ def hier_attention_cpu_stacked(
     for name, x in (("k_buf", k_buf), ("v_buf", v_buf)):
         if x.dtype != jnp.float32:
             raise NotImplementedError(f"hier attention cpu kernel: {name} must be float32")
-    if s.hd % 16 or s.hd > MAX_HEAD_DIM:
+    if s.hd % 32 or s.hd > MAX_HEAD_DIM:
         raise NotImplementedError(
-            f"hier attention cpu kernel: head_dim {s.hd} must be a multiple of 16, <= 256"
+            f"hier attention cpu kernel: head_dim {s.hd} must be a multiple of 32, <= 256"
         )
     dummy = jnp.zeros((1,), jnp.uint8)
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((s.b, s.t, s.h * s.hd), jnp.float32))(

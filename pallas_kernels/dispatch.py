@@ -326,7 +326,7 @@ def hier_attention(
       k_buf, v_buf: [B, NB, kvh, hd] float ring buffer; buf_start: int32 [B].
       residual: R; view: "target" (int8) or "draft" (upper int4 halves).
       impl: None (auto), "xla", "pallas", "pallas_interpret" or "cpu" (the AVX2 kernel of
-        `pallas_kernels.cpu_attention`; float32 queries, head_dim a multiple of 16).
+        `pallas_kernels.cpu_attention`; float32 queries, head_dim a multiple of 32).
 
     Returns:
       [B, t, h * hd] array of q.dtype.

@@ -50,7 +50,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;   // keys per online-softmax block (aligned to absolute positions)
 constexpr int64_t kSplit = 256;  // quantized positions per work item (aligned, a kBlock multiple)
-constexpr int64_t kMaxHd = 256;  // largest head_dim supported
+constexpr int64_t kMaxHd = 256;  // largest head_dim supported (a multiple of 32)
 constexpr float kNeg = -FLT_MAX;
 
 // Runs fn(begin, end) over [0, n) on the calling thread and XLA's intra-op pool (the same scheme
@@ -187,10 +187,10 @@ inline void RowBlock(const float* q, const float* const* kp, const float* const*
   *st.l = alpha * *st.l + HSum(psum);
   *st.m = m_new;
   const __m256 av = _mm256_set1_ps(alpha);
-  for (int64_t d0 = 0; d0 < hd; d0 += 32) {  // up to 4 accumulators of 8 channels
-    const int64_t nv = std::min<int64_t>(4, (hd - d0) / 8);
-    __m256 pv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                    _mm256_setzero_ps()};
+  for (int64_t d0 = 0; d0 < hd; d0 += 64) {  // up to 8 accumulators of 8 channels
+    const int64_t nv = std::min<int64_t>(8, (hd - d0) / 8);
+    __m256 pv[8];
+    for (int u = 0; u < 8; ++u) pv[u] = _mm256_setzero_ps();
     for (int64_t j = lo; j < hi; ++j) {
       const __m256 pj = _mm256_set1_ps(s[j]);
       const float* v = vp[j] + d0;
@@ -204,50 +204,68 @@ inline void RowBlock(const float* q, const float* const* kp, const float* const*
   }
 }
 
-// Dequantizes `n` tokens of one KV head: codes hi (and lo) packed [hd/2] per token at stride
-// `tok_stride` bytes; row i of dst = min + float(code) * (scale * (1/16)), channel c of byte j:
-// low nibble -> channel j, high nibble -> channel j + hd/2. Key scales/mins are per channel
-// (pointer per token, `kscale[i]`), value scales/mins per token (scalars).
+// Codes of 32 channels from 16 packed bytes (hd/2 a multiple of 16): byte j's low nibble is
+// channel c0 + j, its high nibble channel c0 + hd/2 + j. Returns the four 8-channel groups
+// (c0, c0 + 8, hd/2 + c0, hd/2 + c0 + 8) as floats: 16 u (+ l for the target view), exact.
+template <bool kTarget>
+inline void Codes32(const uint8_t* h, const uint8_t* l, __m256 out[4]) {
+  const __m256i nib = _mm256_set1_epi16(0xF);
+  const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  __m256i ca = _mm256_slli_epi16(_mm256_and_si256(u, nib), 4);
+  __m256i cb = _mm256_slli_epi16(_mm256_srli_epi16(u, 4), 4);
+  if (kTarget) {
+    const __m256i eight = _mm256_set1_epi16(8);
+    const __m256i w =
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(l)));
+    ca = _mm256_add_epi16(ca, _mm256_sub_epi16(_mm256_and_si256(w, nib), eight));
+    cb = _mm256_add_epi16(cb, _mm256_sub_epi16(_mm256_srli_epi16(w, 4), eight));
+  }
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ca)));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ca, 1)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(cb)));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(cb, 1)));
+}
+
+// Dequantizes `n` tokens of one KV head into dst [n, hd]: codes hi (and lo) packed [hd/2] per
+// token at stride `tok_stride` bytes; dst = min + float(code) * (scale * (1/16)), the reference's
+// formula and rounding. Keys (kPerChannel): scales / mins per channel, row pointers per token
+// (`scale_rows[i]`, one row per key group); values: one scale / min per token (`tok_scale`,
+// `tok_min` at stride `tok_scale_stride`).
 template <bool kTarget, bool kPerChannel>
 inline void Dequant(const uint8_t* hi, const uint8_t* lo, int64_t tok_stride, int64_t n,
                     int64_t hd, const float* const* scale_rows, const float* const* min_rows,
                     const float* tok_scale, const float* tok_min, int64_t tok_scale_stride,
                     float* dst) {
   const int64_t half = hd / 2;
-  const __m256i nib = _mm256_set1_epi32(0xF), eight = _mm256_set1_epi32(8);
   const __m256 sixteenth = _mm256_set1_ps(1.0f / 16.0f);
+  alignas(32) float sc[kMaxHd];  // key scale * (1/16) of the current group
+  const float* group_row = nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t* h = hi + i * tok_stride;
     const uint8_t* l = kTarget ? lo + i * tok_stride : nullptr;
     float* out = dst + i * hd;
+    const float* mn = nullptr;
     __m256 ts = _mm256_setzero_ps(), tm = _mm256_setzero_ps();
-    if (!kPerChannel) {
+    if (kPerChannel) {
+      if (scale_rows[i] != group_row) {
+        group_row = scale_rows[i];
+        for (int64_t d = 0; d < hd; d += 8)
+          _mm256_store_ps(sc + d, _mm256_mul_ps(_mm256_loadu_ps(group_row + d), sixteenth));
+      }
+      mn = min_rows[i];
+    } else {
       ts = _mm256_mul_ps(_mm256_set1_ps(tok_scale[i * tok_scale_stride]), sixteenth);
       tm = _mm256_set1_ps(tok_min[i * tok_scale_stride]);
     }
-    for (int64_t c = 0; c < half; c += 8) {
-      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h + c)));
-      __m256i ca = _mm256_slli_epi32(_mm256_and_si256(u, nib), 4);
-      __m256i cb = _mm256_slli_epi32(_mm256_srli_epi32(u, 4), 4);
-      if (kTarget) {
-        const __m256i w =
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(l + c)));
-        ca = _mm256_add_epi32(ca, _mm256_sub_epi32(_mm256_and_si256(w, nib), eight));
-        cb = _mm256_add_epi32(cb, _mm256_sub_epi32(_mm256_srli_epi32(w, 4), eight));
+    for (int64_t c = 0; c < half; c += 16) {
+      __m256 f[4];
+      Codes32<kTarget>(h + c, kTarget ? l + c : nullptr, f);
+      const int64_t ch[4] = {c, c + 8, half + c, half + c + 8};
+      for (int k = 0; k < 4; ++k) {
+        const __m256 s = kPerChannel ? _mm256_load_ps(sc + ch[k]) : ts;
+        const __m256 m = kPerChannel ? _mm256_loadu_ps(mn + ch[k]) : tm;
+        _mm256_storeu_ps(out + ch[k], _mm256_add_ps(m, _mm256_mul_ps(f[k], s)));
       }
-      __m256 sa, sb, ma, mb;
-      if (kPerChannel) {
-        sa = _mm256_mul_ps(_mm256_loadu_ps(scale_rows[i] + c), sixteenth);
-        sb = _mm256_mul_ps(_mm256_loadu_ps(scale_rows[i] + half + c), sixteenth);
-        ma = _mm256_loadu_ps(min_rows[i] + c);
-        mb = _mm256_loadu_ps(min_rows[i] + half + c);
-      } else {
-        sa = sb = ts;
-        ma = mb = tm;
-      }
-      _mm256_storeu_ps(out + c, _mm256_add_ps(ma, _mm256_mul_ps(_mm256_cvtepi32_ps(ca), sa)));
-      _mm256_storeu_ps(out + half + c,
-                       _mm256_add_ps(mb, _mm256_mul_ps(_mm256_cvtepi32_ps(cb), sb)));
     }
   }
 }
@@ -453,7 +471,7 @@ ffi::Error HierAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer,
   P.residual = residual;
   P.target = target != 0;
   const int64_t half = P.hd / 2;
-  if (cd[1] != P.b || cd[4] != half || P.hd % 16 || P.hd > kMaxHd || P.kvh < 1 ||
+  if (cd[1] != P.b || cd[4] != half || P.hd % 32 || P.hd > kMaxHd || P.kvh < 1 ||
       P.h % P.kvh || P.n_groups < 1 || P.q_cap % P.n_groups || sd[0] != nl || sd[1] != P.b ||
       sd[3] != P.kvh || sd[4] != P.hd || vd[0] != nl || vd[1] != P.b || vd[2] != P.q_cap ||
       vd[3] != P.kvh || bd[0] != nl || bd[1] != P.b || bd[3] != P.kvh || bd[4] != P.hd ||

@@ -72,7 +72,7 @@ def _round_up(n: int, m: int) -> int:
 def default_attention_impl(head_dim: int | None = None, dtype=None) -> str:
     """The attention a cache gets by default: "cpu" (the AVX2 kernel,
     `pallas_kernels.cpu_attention`) on a CPU backend where the CPU kernels build and cover the
-    shapes (float32, head_dim a multiple of 16 up to 256); else "xla" (the block-wise jnp path,
+    shapes (float32, head_dim a multiple of 32 up to 256); else "xla" (the block-wise jnp path,
     also on a GPU: the Pallas kernel stays opt-in until it has run on one).
 
     Both are exact in the sense speculative decoding needs (a row's result does not depend on the
@@ -81,7 +81,7 @@ def default_attention_impl(head_dim: int | None = None, dtype=None) -> str:
     """
     if jax.default_backend() != "cpu":
         return "xla"
-    if head_dim is not None and (head_dim % 16 or head_dim > 256):
+    if head_dim is not None and (head_dim % 32 or head_dim > 256):
         return "xla"
     if dtype is not None and jnp.dtype(dtype) != jnp.float32:
         return "xla"
