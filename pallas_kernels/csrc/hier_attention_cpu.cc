@@ -151,6 +151,24 @@ struct RowState {
   float* acc;
 };
 
+// acc[d0 .. d0 + 8 NV) = alpha * acc + sum over lanes j in [lo, hi) of p[j] * v[j] (the sum in
+// lane order, FMA per lane; NV is a constant so the accumulators stay in registers).
+template <int NV>
+inline void WeightedValues(const float* p, const float* const* vp, int64_t lo, int64_t hi,
+                           int64_t d0, __m256 alpha, float* acc) {
+  __m256 pv[NV];
+  for (int u = 0; u < NV; ++u) pv[u] = _mm256_setzero_ps();
+  for (int64_t j = lo; j < hi; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    const float* v = vp[j] + d0;
+    for (int u = 0; u < NV; ++u) pv[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), pv[u]);
+  }
+  for (int u = 0; u < NV; ++u) {
+    float* a = acc + d0 + 8 * u;
+    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_mul_ps(alpha, _mm256_loadu_ps(a)), pv[u]));
+  }
+}
+
 // Online-softmax update of one row with the keys of lanes [lo, hi) of a kBlock-key block (lane i
 // = absolute position block_start + i; kp / vp point at each lane's key / value row, a zero row
 // for lanes outside [lo, hi)). Called only when lo < hi.
@@ -187,20 +205,11 @@ inline void RowBlock(const float* q, const float* const* kp, const float* const*
   *st.l = alpha * *st.l + HSum(psum);
   *st.m = m_new;
   const __m256 av = _mm256_set1_ps(alpha);
-  for (int64_t d0 = 0; d0 < hd; d0 += 64) {  // up to 8 accumulators of 8 channels
-    const int64_t nv = std::min<int64_t>(8, (hd - d0) / 8);
-    __m256 pv[8];
-    for (int u = 0; u < 8; ++u) pv[u] = _mm256_setzero_ps();
-    for (int64_t j = lo; j < hi; ++j) {
-      const __m256 pj = _mm256_set1_ps(s[j]);
-      const float* v = vp[j] + d0;
-      for (int64_t u = 0; u < nv; ++u)
-        pv[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), pv[u]);
-    }
-    for (int64_t u = 0; u < nv; ++u) {
-      float* a = st.acc + d0 + 8 * u;
-      _mm256_storeu_ps(a, _mm256_add_ps(_mm256_mul_ps(av, _mm256_loadu_ps(a)), pv[u]));
-    }
+  for (int64_t d0 = 0; d0 < hd; d0 += 64) {  // 64 channels (or the last 32) per pass
+    if (hd - d0 >= 64)
+      WeightedValues<8>(s, vp, lo, hi, d0, av, st.acc);
+    else
+      WeightedValues<4>(s, vp, lo, hi, d0, av, st.acc);
   }
 }
 
