@@ -10,6 +10,9 @@ next to the multiply, on the calling thread plus XLA's intra-op thread pool:
 * `w4ax_matmul_cpu`: int8 activation codes [M, K] (W4A4 / W4A8) times the int4 weight, exact
   int32 accumulation per block (``vpmaddubsw``), the reference's float epilogue per block.
 
+The same library also holds ``csrc/hier_attention_cpu.cc``, the attention over QuantSpec's
+hierarchical KV cache (Python entry points in `pallas_kernels.cpu_attention`).
+
 Each output element is computed by the same operation sequence whatever M is, so one row's
 result never depends on the other rows of the call (QSpec's gamma + 1 verification rows equal
 autoregressive decoding's one row bit for bit). Results agree with the XLA references to float32
