@@ -14,6 +14,9 @@ next to the multiply, on the calling thread plus XLA's intra-op thread pool:
 * `attention_cpu` (``csrc/attention_cpu.cc``): decode-time causal attention of a few queries
   per sequence over the float32 KV cache, reading only the live keys.
 
+The same library also holds ``csrc/hier_attention_cpu.cc``, the attention over QuantSpec's
+hierarchical KV cache (Python entry points in `pallas_kernels.cpu_attention`).
+
 Each output element is computed by the same operation sequence whatever M is, so one row's
 result never depends on the other rows of the call (QSpec's gamma + 1 verification rows equal
 autoregressive decoding's one row bit for bit). Results agree with the XLA references to float32
@@ -48,7 +51,10 @@ ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # Every C++ source compiled into the one shared library (each file registers its own handlers
 # below in TARGETS).
-SOURCES = tuple(os.path.join(CSRC, name) for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc"))
+SOURCES = tuple(
+    os.path.join(CSRC, name)
+    for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc", "hier_attention_cpu.cc")
+)
 HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h",))
 FLAGS = (
     "-O3",
@@ -65,6 +71,7 @@ TARGETS = {
     "qspec_w4ax_int4": "QspecW4AXInt4",
     "qspec_q8_head": "QspecQ8Head",
     "qspec_attention_f32": "QspecAttentionF32",
+    "qspec_hier_attention": "QspecHierAttention",  # csrc/hier_attention_cpu.cc
 }
 # Column multiples the kernels vectorize over (N must be a multiple).
 W4A16_COLS, W4AX_COLS = 8, 16

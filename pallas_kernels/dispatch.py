@@ -10,8 +10,9 @@ Every function takes ``impl``:
   ``dot_general`` with int32 accumulation for W4AX, the factorised fast Hadamard transform);
 * ``"pallas"``: the Pallas kernel, compiled for the GPU (NotImplementedError propagates);
 * ``"pallas_interpret"``: the Pallas kernel in interpret mode (CPU tests; errors propagate);
-* ``"cpu"``: the int4 matmuls' CPU kernels (`pallas_kernels.cpu_kernels`: AVX2 code over the
-  packed bytes, an XLA FFI custom call); auto picks it on a CPU backend when it is available (the
+* ``"cpu"``: the int4 matmuls' and the hierarchical-cache attention's CPU kernels
+  (`pallas_kernels.cpu_kernels`, `pallas_kernels.cpu_attention`: AVX2 code over the packed bytes,
+  XLA FFI custom calls); auto picks it on a CPU backend when it is available (the
   decoding loop's prefill asks `prefill_impl`, which keeps XLA's dequantize + GEMM for the
   prompt's many rows). Functions without a CPU kernel run their XLA path.
 
@@ -110,6 +111,12 @@ def _cpu_fn(name: str) -> Callable:
     from pallas_kernels import cpu_kernels  # noqa: PLC0415
 
     return getattr(cpu_kernels, name)
+
+
+def _cpu_attention_fn() -> Callable:
+    from pallas_kernels import cpu_attention  # noqa: PLC0415
+
+    return cpu_attention.hier_attention_cpu
 
 
 def prefill_impl(impl: Impl) -> Impl:
@@ -383,7 +390,8 @@ def hier_attention(
       k_scale, k_min: float32 [B, Q/G, kvh, hd]; v_scale, v_min: float32 [B, Q, kvh].
       k_buf, v_buf: [B, NB, kvh, hd] float ring buffer; buf_start: int32 [B].
       residual: R; view: "target" (int8) or "draft" (upper int4 halves).
-      impl: None (auto), "xla", "pallas" or "pallas_interpret".
+      impl: None (auto), "xla", "pallas", "pallas_interpret" or "cpu" (the AVX2 kernel of
+        `pallas_kernels.cpu_attention`; float32 queries, head_dim a multiple of 32).
 
     Returns:
       [B, t, h * hd] array of q.dtype.
@@ -393,5 +401,5 @@ def hier_attention(
         _hattn.hier_attention,
         _hattn.hier_attention_xla,
         q, q_positions, k_hi, k_lo, k_scale, k_min, v_hi, v_lo, v_scale, v_min, k_buf, v_buf,
-        buf_start, residual=residual, view=view,
+        buf_start, residual=residual, view=view, cpu_fn=_cpu_attention_fn(),
     )  # fmt: skip

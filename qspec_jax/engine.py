@@ -407,6 +407,9 @@ class Engine:
             capacity,
             residual=kv_residual,
             step_tokens=dc.tokens_per_step,
+            # impl "xla" asks for XLA everywhere; otherwise the hierarchical cache's default
+            # (its CPU attention kernel where available)
+            attention_impl="xla" if self.impl == "xla" else None,
         )
         toks, lens = jnp.asarray(toks), jnp.asarray(lens)
         if self.mesh is not None:

@@ -40,9 +40,11 @@ the buffer until the verifier overwrites them; they are never flushed.
 Attention (`attend`) runs block by block with an online softmax: over the quantized part in
 blocks of `block` tokens (each block's codes dequantized on the fly, never the whole cache), then
 over the float buffer in blocks of `buffer_block` tokens aligned to absolute positions (so a
-verifier row and an autoregressive row add the same terms in the same order). That XLA path is
-the default everywhere; `HierLayout.attention_impl` opts in to the Pallas kernel
-`pallas_kernels.hier_attention` (same function, float32 rounding apart; see `attend`).
+verifier row and an autoregressive row add the same terms in the same order). On a CPU backend the
+default is the AVX2 kernel `pallas_kernels.cpu_attention` (`HierLayout.attention_impl` "cpu":
+the same function and the same absolute-position blocking, read straight from the packed codes),
+elsewhere, or without the kernels, that XLA path; `attention_impl` also opts in to the Pallas
+kernel `pallas_kernels.hier_attention` (same function, float32 rounding apart; see `attend`).
 """
 
 from __future__ import annotations
@@ -60,11 +62,32 @@ from qspec_jax.config import LlamaConfig
 
 CODE_MAX = 240  # 8-bit codes span 15 upper steps of 16 lower steps: [0, 240]
 VIEWS = ("target", "draft")
-ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_interpret")
+ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_interpret", "cpu")
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def default_attention_impl(head_dim: int | None = None, dtype=None) -> str:
+    """The attention a cache gets by default: "cpu" (the AVX2 kernel,
+    `pallas_kernels.cpu_attention`) on a CPU backend where the CPU kernels build and cover the
+    shapes (float32, head_dim a multiple of 32 up to 256); else "xla" (the block-wise jnp path,
+    also on a GPU: the Pallas kernel stays opt-in until it has run on one).
+
+    Both are exact in the sense speculative decoding needs (a row's result does not depend on the
+    other rows of the call); "cpu" reads the codes at memory speed instead of dequantizing blocks
+    through XLA (measured: README, "QuantSpec").
+    """
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if head_dim is not None and (head_dim % 32 or head_dim > 256):
+        return "xla"
+    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+        return "xla"
+    from pallas_kernels import cpu_kernels  # noqa: PLC0415 (builds the library once)
+
+    return "cpu" if cpu_kernels.available() else "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +104,13 @@ class HierLayout:
         q_capacity: token capacity of the quantized part (= the cache's capacity; a multiple of
             `block` and of `residual`).
         step_tokens: the most positions one decoding step writes (gamma + 1, or 1); <= R + 1.
-        attention_impl: which implementation `attend` runs: "xla" (the default: the block-wise
-            jnp path below, everywhere), "auto" (the Pallas kernel on a GPU backend when it
-            supports the shapes, else "xla"), "pallas" / "pallas_interpret" (the kernel, compiled
-            / in interpret mode; its NotImplementedError propagates).
+        attention_impl: which implementation `attend` runs: "xla" (the block-wise jnp path
+            below), "cpu" (the AVX2 kernel `pallas_kernels.cpu_attention`; its
+            NotImplementedError propagates), "auto" (the Pallas kernel on a GPU backend, the CPU
+            kernel on a CPU backend, when they support the shapes, else "xla"), "pallas" /
+            "pallas_interpret" (the Pallas kernel, compiled / in interpret mode; its
+            NotImplementedError propagates). `HierKVCache.init` picks
+            `default_attention_impl()` when not told: "cpu" where it is available, else "xla".
     """
 
     residual: int
@@ -104,9 +130,14 @@ class HierLayout:
         key_group: int | None = None,
         block: int | None = None,
         step_tokens: int = 1,
-        attention_impl: str = "xla",
+        attention_impl: str | None = None,
     ) -> HierLayout:
-        """A layout for `capacity` tokens; raises ValueError (one sentence) on a bad setting."""
+        """A layout for `capacity` tokens; raises ValueError (one sentence) on a bad setting.
+
+        `attention_impl` None means "xla" here (`HierKVCache.init` resolves None with the
+        cache's head_dim and dtype, see `default_attention_impl`).
+        """
+        attention_impl = "xla" if attention_impl is None else attention_impl
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"unknown attention_impl {attention_impl!r}; expected one of {ATTENTION_IMPLS}"
@@ -249,11 +280,17 @@ class HierKVCache:
         block: int | None = None,
         step_tokens: int = 1,
         dtype=None,
-        attention_impl: str = "xla",
+        attention_impl: str | None = None,
     ) -> HierKVCache:
-        """An empty cache for `capacity` tokens (rounded up, see `HierLayout.make`)."""
+        """An empty cache for `capacity` tokens (rounded up, see `HierLayout.make`).
+
+        `attention_impl` None: `default_attention_impl(head_dim, dtype)` ("cpu" on a CPU with the
+        kernels and covered shapes, else "xla").
+        """
         if cfg.head_dim % 2:
             raise ValueError(f"head_dim must be even to pack int4 pairs, got {cfg.head_dim}")
+        if attention_impl is None:
+            attention_impl = default_attention_impl(cfg.head_dim, dtype or cfg.jnp_dtype)
         lay = HierLayout.make(capacity, residual, key_group, block, step_tokens, attention_impl)
         nl, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         codes = (nl, batch, lay.q_capacity, kvh, hd // 2)
@@ -375,8 +412,8 @@ class HierKVCache:
         Key j is read from the quantized part (upper halves only for view="draft", both halves
         for "target") iff j < float_start(p) of the query at p, else from the float buffer.
         Block by block with an online softmax; no float copy of the quantized part is made.
-        With `layout.attention_impl` other than "xla" the Pallas kernel computes the same
-        function (see `_attend_kernel`); the default "xla" runs the code below unchanged.
+        With `layout.attention_impl` other than "xla" a kernel (the CPU kernel or the Pallas
+        one, see `_attend_kernel`) computes the same function; "xla" runs the code below.
         """
         if view not in VIEWS:
             raise ValueError(f"unknown KV view {view!r}; expected one of {VIEWS}")
@@ -450,17 +487,37 @@ class HierKVCache:
         return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd).astype(q.dtype)
 
     def _attend_kernel(self, layer, q, q_positions, view):
-        """`pallas_kernels.hier_attention` on this layer when `layout.attention_impl` asks for it.
+        """A kernel's attention over this layer when `layout.attention_impl` asks for one.
 
-        Returns None (the caller then runs the XLA path) for "xla", and for "auto" off-GPU or when
-        the kernel raises NotImplementedError for these shapes.
+        "cpu" (or "auto" on a CPU backend with the kernels): `pallas_kernels.cpu_attention` on the
+        stacked arrays plus the layer index (no layer slice is copied); "pallas*" (or "auto" on a
+        GPU): `pallas_kernels.hier_attention` through dispatch. Returns None (the caller then
+        runs the XLA path) for "xla", for "auto" elsewhere, and for "auto" when the kernel raises
+        NotImplementedError for these shapes.
         """
         impl = self.layout.attention_impl
         auto = impl == "auto"
-        if impl == "xla" or (auto and dispatch.default_impl() != "pallas"):
+        if impl == "xla" or (auto and dispatch.default_impl() not in ("pallas", "cpu")):
             return None
         layer = jnp.asarray(layer, jnp.int32)
         lo = view == "target"  # the draft view never reads (or passes) the lower halves
+        if impl == "cpu" or (auto and dispatch.default_impl() == "cpu"):
+            from pallas_kernels import cpu_attention  # noqa: PLC0415
+
+            try:
+                with jax.named_scope("hier_attention_cpu"):
+                    out = cpu_attention.hier_attention_cpu_stacked(
+                        layer, q, q_positions,
+                        self.k_hi, self.k_lo if lo else None, self.k_scale, self.k_min,
+                        self.v_hi, self.v_lo if lo else None, self.v_scale, self.v_min,
+                        self.k_buf, self.v_buf, self.buf_start,
+                        residual=self.layout.residual, view=view,
+                    )  # fmt: skip
+                return out.astype(q.dtype)  # [batch, t, heads * head_dim]
+            except NotImplementedError:
+                if auto:
+                    return None
+                raise
         try:
             return dispatch.hier_attention(
                 q, q_positions,

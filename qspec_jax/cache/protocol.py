@@ -63,16 +63,19 @@ def make_cache(
     residual: int = 128,
     key_group: int | None = None,
     step_tokens: int = 1,
+    attention_impl: str | None = None,
 ) -> KVCache | HierKVCache:
     """An empty cache of format `kind` ("float" | "hier"); ValueError (one sentence) otherwise.
 
     `residual`, `key_group` and `step_tokens` (the most positions one decoding step writes)
-    shape the hierarchical layout and are ignored for "float".
+    shape the hierarchical layout, and `attention_impl` picks its attention (None: the CPU
+    kernel where available, else XLA; see `HierLayout`); all are ignored for "float".
     """
     if kind == "float":
         return KVCache.init(cfg, batch, capacity)
     if kind == "hier":
         return HierKVCache.init(
-            cfg, batch, capacity, residual=residual, key_group=key_group, step_tokens=step_tokens
-        )
+            cfg, batch, capacity, residual=residual, key_group=key_group,
+            step_tokens=step_tokens, attention_impl=attention_impl,
+        )  # fmt: skip
     raise ValueError(f"unknown kv_cache {kind!r}: choose one of {', '.join(KV_FORMATS)}")

@@ -7,8 +7,8 @@
 * which stored entries a row reads (the float_start switch between codes and floats, future draft
   entries, other sequences), bit for bit;
 * flash-decoding splits and block sizes, a hypothesis property over lengths and views;
-* the dispatch entry (NotImplementedError, fallback) and the opt-in `HierLayout.attention_impl`
-  wiring of `attend`, whose default leaves the XLA path untouched.
+* the dispatch entry (NotImplementedError, fallback) and the `HierLayout.attention_impl` wiring
+  of `attend` (default: the CPU kernel on CPU where it builds, else the XLA path; Pallas opt-in).
 
 The CUDA lowering (jax.export) and Triton cubin checks live in test_kernels_lowering.py and
 test_kernels_triton_compile.py.
@@ -253,14 +253,22 @@ def test_unsupported_and_invalid_inputs():
 # ------------------------------------------------------------------------- attend wiring
 
 
-def test_attend_default_is_the_xla_path():
-    """The default layout runs the XLA path, "auto" too on CPU: bit for bit the same as before."""
+def test_attend_default_and_auto():
+    """The default layout takes `default_attention_impl`: on CPU the AVX2 kernel where it builds
+    (tests/kernels/test_hier_attention_cpu.py), else the XLA path; "auto" on CPU runs the same
+    program as that default, bit for bit; "xla" stays available explicitly."""
+    from qspec_jax.cache.hierarchical import default_attention_impl
+
     case = CASES[0]
     cache, q, pos = step(case)
-    assert cache.layout.attention_impl == "xla"
+    want = default_attention_impl(case.head_dim, case.dtype)
+    assert cache.layout.attention_impl == want
+    assert want == ("cpu" if dispatch.default_impl() == "cpu" else "xla")
     base = np.asarray(_attend(cache, q, pos, "target"))
     auto = np.asarray(_attend(_with_impl(cache, "auto"), q, pos, "target"))
     np.testing.assert_array_equal(auto, base)
+    xla = _attend(_with_impl(cache, "xla"), q, pos, "target")
+    assert max_err(xla, base) <= ATOL[jnp.float32] * vmax(cache)
     with pytest.raises(ValueError, match="attention_impl"):
         HierKVCache.init(preset("tiny"), 1, 32, attention_impl="cuda")
 

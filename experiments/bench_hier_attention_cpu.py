@@ -1,0 +1,176 @@
+"""Hierarchical-cache attention on this CPU: the XLA block loop vs the AVX2 kernel vs float KV.
+
+For SmolLM2-135M's attention shapes (30 layers, 9 query heads on 3 KV heads, head_dim 64,
+float32), batch 1, R = 128, a cache prefilled with random K/V to each context length, one jitted
+call runs the attention of all 30 layers (a `fori_loop` over the layer index, as the model's
+layer scan does; the whole cache is far larger than the 32 MiB L3 at long contexts, so the reads
+come from memory as in a real decode step) for t = 1 (an autoregressive or draft step) and
+t = 6 (gamma = 5 verification) query rows at positions ctx .. ctx + t - 1:
+
+* ``float``: the dense float32 cache (`KVCache.attend`, XLA's attention);
+* ``xla-target`` / ``xla-draft``: `HierKVCache.attend` on the XLA block-wise path (int8 / int4);
+* ``cpu-target`` / ``cpu-draft``: the same with ``attention_impl="cpu"`` (the AVX2 kernel).
+
+Paths alternate within each round; per path the median over rounds is reported, with the bytes
+the path must read (codes + scales + float buffer, or the float cache, summed over layers) and
+the achieved GB/s (bytes / median time).
+
+    python experiments/bench_hier_attention_cpu.py [--contexts 1024,2048,4096,8192] [--rounds 15]
+
+Writes experiments/results/bench_hier_attention_cpu.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PATHS = ("float", "xla-target", "xla-draft", "cpu-target", "cpu-draft")
+
+
+def bytes_read(path: str, ctx_pos: int, cfg, residual: int, group: int) -> int:
+    """Bytes one call must read for a row at `ctx_pos` (the last row's keys), all layers."""
+    nl, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    n = ctx_pos + 1  # keys the last row reads
+    if path == "float":
+        return nl * n * kvh * hd * 4 * 2
+    cut = residual * max(0, -(-(ctx_pos - 2 * residual) // residual))
+    code = 1.0 if path.endswith("target") else 0.5  # bytes per value: both halves or the upper
+    codes = cut * kvh * hd * code * 2  # keys and values
+    scales = (
+        cut // group
+    ) * kvh * hd * 8 + cut * kvh * 8  # key (scale, min) per group, values per token
+    floats = (n - cut) * kvh * hd * 4 * 2
+    return int(nl * (codes + scales + floats))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="1024,2048,4096,8192")
+    ap.add_argument("--ts", default="1,6")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--residual", type=int, default=128)
+    ap.add_argument("--out", default="experiments/results/bench_hier_attention_cpu.json")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels import cpu_kernels
+    from qspec_jax.cache import HierKVCache, KVCache
+    from qspec_jax.config import preset
+    from qspec_jax.eval.harness import write_json_atomic
+
+    if not cpu_kernels.available():
+        print(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
+        return 1
+    cfg = preset("smollm2-135m")
+    nl, kvh, hd, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    contexts = [int(x) for x in args.contexts.split(",")]
+    ts = [int(x) for x in args.ts.split(",")]
+    rows = []
+
+    def all_layers(view):
+        def f(cache, q, pos):
+            def body(i, acc):
+                return acc + cache.attend(i, q, pos, view)  # [1, t, h * hd]
+
+            return jax.lax.fori_loop(0, nl, body, jnp.zeros(q.shape[:2] + (h * hd,), q.dtype))
+
+        return jax.jit(f)
+
+    fns = {
+        "float": all_layers("target"),
+        "target": all_layers("target"),
+        "draft": all_layers("draft"),
+    }
+    for ctx in contexts:
+        cap = ctx + max(ts) + 8
+        rng = np.random.default_rng(ctx)
+        shape = (nl, 1, cap, kvh, hd)
+        k = jnp.asarray(
+            rng.standard_normal(shape, np.float32) * rng.uniform(0.2, 3.0, hd).astype(np.float32)
+        )
+        v = jnp.asarray(rng.standard_normal(shape, np.float32))
+        lens = jnp.asarray([ctx], jnp.int32)
+        fc = KVCache.init(cfg, 1, cap)
+        fc = jax.jit(lambda c, s, n: c.finish_prefill(s, n))(
+            fc, fc.prefill_cache(cap).replace(k=k, v=v), lens
+        )
+        caches = {"float": fc}
+        for impl in ("xla", "cpu"):
+            hc = HierKVCache.init(
+                cfg, 1, cap, residual=args.residual, step_tokens=max(ts), attention_impl=impl
+            )
+            scratch = hc.prefill_cache(cap).replace(k=k, v=v)
+            caches[impl] = jax.jit(lambda c, s, n: c.finish_prefill(s, n))(hc, scratch, lens)
+        del k, v
+        group = caches["cpu"].layout.key_group
+        for t in ts:
+            q = jnp.asarray(rng.standard_normal((1, t, h, hd), np.float32))
+            pos = jnp.asarray(ctx + np.arange(t)[None], jnp.int32)  # [1, t]
+            calls = {  # path -> (jitted function, cache)
+                "float": (fns["float"], caches["float"]),
+                "xla-target": (fns["target"], caches["xla"]),
+                "xla-draft": (fns["draft"], caches["xla"]),
+                "cpu-target": (fns["target"], caches["cpu"]),
+                "cpu-draft": (fns["draft"], caches["cpu"]),
+            }
+            outs = {p: np.asarray(f(c, q, pos)) for p, (f, c) in calls.items()}  # compile
+            times = {p: [] for p in PATHS}
+            for _ in range(args.rounds):
+                for p in PATHS:
+                    f, c = calls[p]
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(c, q, pos))
+                    times[p].append(time.perf_counter() - t0)
+            agree = {
+                view: float(np.abs(outs[f"cpu-{view}"] - outs[f"xla-{view}"]).max())
+                for view in ("target", "draft")
+            }
+            for p in PATHS:
+                med = statistics.median(times[p])
+                nbytes = bytes_read(p, ctx + t - 1, cfg, args.residual, group)
+                rows.append(
+                    dict(
+                        context=ctx,
+                        t=t,
+                        path=p,
+                        median_ms=med * 1e3,
+                        min_ms=min(times[p]) * 1e3,
+                        bytes=nbytes,
+                        gb_per_s=nbytes / med / 1e9,
+                        vs_float=statistics.median(times["float"]) / med,
+                        max_abs_diff_cpu_vs_xla=agree.get(p.split("-")[-1]),
+                    )  # fmt: skip
+                )
+                r = rows[-1]
+                print(f"ctx {ctx} t {t} {p:11s} {r['median_ms']:8.2f} ms  {nbytes / 1e6:7.1f} MB "
+                      f"{r['gb_per_s']:6.1f} GB/s  vs float {r['vs_float']:.2f}x", flush=True)  # fmt: skip
+        del caches, calls
+
+    print("\n| context | t | path | median ms (30 layers) | MB read | GB/s | speed vs float KV |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['context']} | {r['t']} | {r['path']} | {r['median_ms']:.2f} | "
+              f"{r['bytes'] / 1e6:.1f} | {r['gb_per_s']:.1f} | {r['vs_float']:.2f}x |")  # fmt: skip
+    meta = dict(
+        command=" ".join(sys.argv), utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        loadavg=os.getloadavg(), machine=platform.machine(), cpus=os.cpu_count(),
+        python=platform.python_version(), jax=jax.__version__, model_shapes="smollm2-135m",
+        residual=args.residual, rounds=args.rounds, batch=1,
+    )  # fmt: skip
+    write_json_atomic(args.out, dict(meta=meta, rows=rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
