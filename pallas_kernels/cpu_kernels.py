@@ -55,7 +55,7 @@ SOURCES = tuple(
     os.path.join(CSRC, name)
     for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc", "hier_attention_cpu.cc")
 )
-HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h",))
+HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h", "simd.h"))
 FLAGS = (
     "-O3",
     "-std=c++17",

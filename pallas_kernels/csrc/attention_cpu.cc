@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -35,11 +36,6 @@ using qspec_cpu::ParallelFor;
 
 namespace {
 
-inline float Sum8(__m256 a) {  // fixed tree
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
 
 // exp(x) for x <= 0 (scores minus their max), 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
 // polynomial for exp(r) (relative error ~2e-7), times 2^n built in the exponent bits. Inputs
@@ -77,7 +73,7 @@ void AttendGroup(const float* q, const float* k, const float* v, int64_t n, int6
       __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kj));
       for (int64_t i = 1; i < dv; ++i)
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), _mm256_loadu_ps(kj + 8 * i), acc);
-      s[g * n + j] = Sum8(acc) / scale_div;
+      s[g * n + j] = qspec_cpu::HSum(acc) / scale_div;
     }
   }
   // softmax weights (unnormalized) and their sums, key order

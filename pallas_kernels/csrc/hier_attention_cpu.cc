@@ -42,9 +42,13 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using qspec_cpu::HSum;
+using qspec_cpu::ParallelFor;
 
 namespace {
 
@@ -52,40 +56,6 @@ constexpr int64_t kBlock = 32;   // keys per online-softmax block (aligned to ab
 constexpr int64_t kSplit = 256;  // quantized positions per work item (aligned, a kBlock multiple)
 constexpr int64_t kMaxHd = 256;  // largest head_dim supported (a multiple of 32)
 constexpr float kNeg = -FLT_MAX;
-
-// Runs fn(begin, end) over [0, n) on the calling thread and XLA's intra-op pool (the same scheme
-// as int4_cpu.cc's: the caller claims chunks too and waits only for chunks others claimed).
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, const F& fn) {
-  const int64_t threads = pool.num_threads() + 1;
-  const int64_t chunk = std::max<int64_t>(min_chunk, (n + 2 * threads - 1) / (2 * threads));
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  if (helpers <= 0) {
-    fn(0, n);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  const F* f = &fn;
-  auto work = [state, chunks, chunk, n, f]() {
-    for (;;) {
-      const int64_t i = state->next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= chunks) return;
-      (*f)(i * chunk, std::min(n, (i + 1) * chunk));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < chunks) _mm_pause();
-}
 
 // exp(x) for 8 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial, relative error
 // ~1e-7); exactly 0 below -88.38 (so a masked score, kNeg - m, gives weight 0).
@@ -113,13 +83,6 @@ inline __m256 Exp(__m256 x) {
 }
 
 inline float ExpScalar(float x) { return _mm256_cvtss_f32(Exp(_mm256_set1_ps(x))); }
-
-inline float HSum(__m256 v) {  // fixed tree
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 inline float HMax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

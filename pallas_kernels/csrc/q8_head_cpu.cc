@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,15 +42,10 @@ inline __m256 Codes8(const int8_t* c) {  // 8 int8 codes -> 8 floats (exact)
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
 }
 
-inline float Sum8(__m256 a) {  // fixed tree: (a0+a4 + a2+a6) + (a1+a5 + a3+a7)
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
 
 // MB rows of x against one head row v: for each group g in order, per x row
 // p = x[0..8) * c[0..8), then p = fma(x[8 j..], c[8 j..], p) for j = 1..3, then
-// acc = fma(p, scale_g, acc); finally the 8 lanes of acc summed by Sum8. The codes come either
+// acc = fma(p, scale_g, acc); finally the 8 lanes of acc summed by HSum (simd.h). The codes come either
 // straight from the int8 row (kFromCodes) or from a float copy of it; both hold the same values,
 // so the result is the same bits either way.
 template <int MB, bool kFromCodes>
@@ -72,7 +68,7 @@ inline void Rows(const float* x, int64_t d, const int8_t* c8, const float* cf, c
       acc[r] = _mm256_fmadd_ps(p, sv, acc[r]);
     }
   }
-  for (int r = 0; r < MB; ++r) out[r * ldo] = Sum8(acc[r]);
+  for (int r = 0; r < MB; ++r) out[r * ldo] = qspec_cpu::HSum(acc[r]);
 }
 
 // Head rows [v0, v1) for all M rows of x. One x row: codes converted in registers. Several: each
