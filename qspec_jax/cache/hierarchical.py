@@ -14,8 +14,10 @@ Format (QuantSpec, arXiv 2502.10424), per layer and sequence:
   positions [buf_start, length) with length - buf_start <= 2R (R = `residual`, 128 by default).
   When it passes 2R, the oldest R leave it (QuantSpec's flush).
 
-Invariants after every `commit` (the state is a function of the verified lengths alone, however
-the tokens arrived: one by one, in speculative blocks, or as a prompt):
+Invariants after every `commit` and `flush` (the state is a function of the verified lengths
+alone, however the tokens arrived: one by one, in speculative blocks, or as a prompt). The
+decoding loop commits with `flush=False` and flushes at the start of its next step, so the
+invariants hold whenever a forward reads the cache:
 
 * q_len = floor(length / R) * R: every complete R-chunk of verified tokens is quantized (eagerly,
   as soon as it is complete and verified; flushes never touch unverified draft entries);
@@ -365,19 +367,40 @@ class HierKVCache:
             buf_start=start,
         )
 
-    def commit(self, lengths: jnp.ndarray) -> HierKVCache:
-        """Sets the verified lengths [batch], quantizes completed chunks and flushes the buffer.
+    def commit(self, lengths: jnp.ndarray, flush: bool = True) -> HierKVCache:
+        """Sets the verified lengths [batch]; with `flush`, quantizes completed chunks now.
 
         Lengths are clipped to [q_len, capacity] (committed, quantized positions cannot be
         un-committed). Every R-chunk completed by the new length is quantized from the buffer
         (all its tokens are below the verified length), then the buffer drops the chunks that
-        no later query reads in float (it then starts at float_start(length)).
+        no later query reads in float (it then starts at float_start(length)): see `flush`.
+        `flush=False` leaves that to a later `flush()`, which the decoding loop runs at the
+        start of its next step; the cache any forward then reads is the same.
+        """
+        lengths = jnp.clip(lengths, self.q_len, self.layout.q_capacity).astype(jnp.int32)
+        cache = self.replace(lengths=lengths)
+        return cache.flush() if flush else cache
+
+    def flush(self, step_tokens: int | None = None) -> HierKVCache:
+        """Quantizes every complete R-chunk below `lengths` not yet quantized; advances the buffer.
+
+        The chunks' tokens are all verified (`lengths` is the committed length here). With
+        `step_tokens` (static: the caller guarantees that `lengths` grew by at most that many
+        positions since the last flush, as the decoding loop's steps do), at most
+        step_tokens // R + 1 chunks can be pending, and that many are unrolled, each written
+        only where it is pending; without it, a loop runs as many chunks as are pending.
+
+        Why the decoding loop flushes at the start of a step rather than at the end of the
+        previous one: at the end, XLA:CPU cannot order the in-place chunk writes after the
+        attention kernel's reads of the same arrays (an autoregressive step's new length does
+        not depend on its logits when no EOS is set), so it copied every quantized array twice
+        per step; written before the step's reads, they are updated in place.
         """
         lay = self.layout
         r = lay.residual
-        lengths = jnp.clip(lengths, self.q_len, lay.q_capacity).astype(jnp.int32)
+        lengths = self.lengths
         new_q = (lengths // r) * r
-        n_chunks = (new_q - self.q_len) // r  # [batch] >= 0
+        n_chunks = jnp.maximum(new_q - self.q_len, 0) // r  # [batch] >= 0
 
         names = ("k_hi", "k_lo", "k_scale", "k_min", "v_hi", "v_lo", "v_scale", "v_min")
 
@@ -392,21 +415,27 @@ class HierKVCache:
             return tuple(_put_tokens(x, o, u, do) for x, o, u in zip(q, at, kq + vq))
 
         new_start = jnp.maximum(float_start(lengths, r), self.buf_start)  # [batch]
-
-        with jax.named_scope("hier_flush"):  # the work happens once per R tokens
-            q = jax.lax.fori_loop(
-                0, jnp.max(n_chunks), quantize_chunk, tuple(getattr(self, n) for n in names)
-            )
+        q = tuple(getattr(self, n) for n in names)
+        with jax.named_scope("hier_flush"):
+            if step_tokens is None:
+                q = jax.lax.fori_loop(0, jnp.max(n_chunks), quantize_chunk, q)
+            else:
+                for i in range(step_tokens // r + 1):
+                    q = quantize_chunk(i, q)
         return self.replace(
-            **dict(zip(names, q)),
-            lengths=lengths, q_len=jnp.maximum(new_q, self.q_len),
-            buf_start=new_start,
-        )  # fmt: skip
+            **dict(zip(names, q)), q_len=jnp.maximum(new_q, self.q_len), buf_start=new_start
+        )
 
     # ---------------------------------------------------------------- reading
 
-    def attend(self, layer, q: jnp.ndarray, q_positions: jnp.ndarray, view: str = "target",
-               mask: jnp.ndarray | None = None):
+    def attend(
+        self,
+        layer,
+        q: jnp.ndarray,
+        q_positions: jnp.ndarray,
+        view: str = "target",
+        mask: jnp.ndarray | None = None,
+    ):
         """Causal attention of q [batch, t, heads, head_dim] over `layer` -> [batch, t, q_size].
 
         Key j is read from the quantized part (upper halves only for view="draft", both halves
@@ -632,21 +661,30 @@ def _online_update(state, qg, k, v, mask):
 
 
 def _take_tokens(x: jnp.ndarray, offsets: jnp.ndarray, n: int) -> jnp.ndarray:
-    """Per sequence b: x[:, b, offsets[b]:offsets[b] + n] of [layers, batch, tokens, ...]."""
-    return jax.vmap(lambda a, o: jax.lax.dynamic_slice_in_dim(a, o, n, axis=1), (1, 0), 1)(
-        x, offsets
-    )
+    """Per sequence b: x[:, b, offsets[b]:offsets[b] + n] of [layers, batch, tokens, ...].
+
+    One dynamic slice per sequence (batch is static and small): a vmapped slice would move the
+    batch axis first, and XLA:CPU then materializes transposed copies of the whole array.
+    """
+    rows = [
+        jax.lax.dynamic_slice_in_dim(x[:, b : b + 1], offsets[b], n, axis=2)
+        for b in range(x.shape[1])
+    ]  # each [layers, 1, n, ...]
+    return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
 
 
 def _put_tokens(x: jnp.ndarray, offsets: jnp.ndarray, new: jnp.ndarray, do: jnp.ndarray):
-    """Per sequence b with do[b]: x[:, b, offsets[b]:offsets[b] + n] = new[:, b] (n = new's axis 2)."""
-    n = new.shape[2]
+    """Per sequence b with do[b]: x[:, b, offsets[b]:offsets[b] + n] = new[:, b] (n = new's axis 2).
 
-    def one(a, o, u, d):  # a [layers, tokens, ...], u [layers, n, ...]
-        old = jax.lax.dynamic_slice_in_dim(a, o, n, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(d, u.astype(a.dtype), old), o, 1)
-
-    return jax.vmap(one, (1, 0, 1, 0), 1)(x, offsets, new, do)
+    One in-place dynamic update per sequence (not vmapped, for the reason in `_take_tokens`).
+    """
+    size = new.shape[:1] + (1,) + new.shape[2:]
+    for b in range(x.shape[1]):
+        start = (0, b, offsets[b]) + (0,) * (x.ndim - 3)
+        old = jax.lax.dynamic_slice(x, start, size)
+        upd = jnp.where(do[b], new[:, b : b + 1].astype(x.dtype), old)
+        x = jax.lax.dynamic_update_slice(x, upd, start)
+    return x
 
 
 def _quantize_keys(k: jnp.ndarray, group: int):

@@ -9,8 +9,12 @@ each returning a new cache):
   in the "target" view (most exact) or the "draft" view (the hierarchical cache's int4 halves);
 * ``prefill_cache(prompt_len)`` / ``finish_prefill(scratch, lengths)``: the cache the padded
   prompt runs on, and the cache holding the prompt afterwards;
-* ``commit(lengths)``: set the verified lengths after a step (a hierarchical cache quantizes
-  and flushes here, and only here, so only verified tokens are ever flushed);
+* ``commit(lengths, flush=True)``: set the verified lengths after a step (a hierarchical cache
+  quantizes and flushes completed chunks here, or with ``flush=False`` at the next ``flush()``;
+  either way only verified tokens are ever flushed);
+* ``flush(step_tokens=None)``: quantize what the last commit completed (the decoding loop calls
+  it at the start of every step, before any forward reads the cache; a float cache returns
+  itself);
 * ``lengths`` (a field; moving it back is rollback), ``capacity``, ``replace(...)``;
 * ``kv_bytes(lengths)`` / ``kv_bytes_per_token()``: memory accounting for stats.
 
@@ -47,7 +51,9 @@ class CacheFormat(Protocol):
 
     def finish_prefill(self, scratch: KVCache, lengths: jnp.ndarray) -> CacheFormat: ...
 
-    def commit(self, lengths: jnp.ndarray) -> CacheFormat: ...
+    def commit(self, lengths: jnp.ndarray, flush: bool = True) -> CacheFormat: ...
+
+    def flush(self, step_tokens: int | None = None) -> CacheFormat: ...
 
     def kv_bytes(self, lengths) -> int: ...
 

@@ -298,7 +298,7 @@ def _commit(
     new_lengths = jnp.where(active, state.cache.lengths + count, state.cache.lengths)
     stopped = first_eos < count  # the EOS itself was committed
     state = state.replace(
-        cache=cache.commit(new_lengths),
+        cache=cache.commit(new_lengths, flush=False),  # flushed at the next step's start
         last_token=jnp.where(active, last, state.last_token),
         out_tokens=out,
         num_generated=state.num_generated + count,
@@ -493,6 +493,9 @@ def qspec_step(
 
 def step(state: DecodeState, params: Params, cfg, qcfg, dc: DecodeConfig) -> DecodeState:
     """The one step function shared by the jitted loop and the Python loop."""
+    # A quantized cache quantizes the chunks the last commit completed here, before this step's
+    # forwards read it (see `HierKVCache.flush`); a float cache returns itself.
+    state = state.replace(cache=state.cache.flush(step_tokens=dc.tokens_per_step))
     if dc.mode == "hspec":
         from qspec_jax.decoding.hspec import hspec_step  # noqa: PLC0415
 
@@ -544,7 +547,13 @@ def generate(
         The final DecodeState (tokens in out_tokens[:, :num_generated]).
     """
     state = prefill(params, cache, prompt_tokens, prompt_lens, key, cfg, qcfg, dc, max_new_tokens)
-    return jax.lax.while_loop(cond, lambda s: step(s, params, cfg, qcfg, dc), state)
+    state = jax.lax.while_loop(cond, lambda s: step(s, params, cfg, qcfg, dc), state)
+    return _flushed(state, dc)
+
+
+def _flushed(state: DecodeState, dc: DecodeConfig) -> DecodeState:
+    """The final state with its last commit flushed, so the returned cache holds the invariants."""
+    return state.replace(cache=state.cache.flush(step_tokens=dc.tokens_per_step))
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("cfg", "qcfg", "dc"))
@@ -568,4 +577,4 @@ def generate_python(
     )
     while bool(cond(state)):
         state = _step_jit(state, params, cfg=cfg, qcfg=qcfg, dc=dc)
-    return state
+    return _flushed(state, dc)
