@@ -2,7 +2,8 @@
 
 Same prompts, same run, greedy, exactly N new tokens each (EOS ignored on both sides), batch 1
 and 8. Tokens/s counts generated tokens over the wall time of the whole call (prefill included,
-compilation excluded: the engine's function is compiled and warmed up first). Prints a markdown
+compilation excluded: the engine's function is compiled and warmed up first); --repeats timed
+runs per side, alternating, and the median is reported. Prints a markdown
 table with the ratio and writes experiments/results/bench_decode.json.
 
     python experiments/bench_decode.py [--new-tokens 64] [--batches 1,8]
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -35,6 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (median)")
     ap.add_argument("--out", default="experiments/results/bench_decode.json")
     args = ap.parse_args()
     try:
@@ -60,9 +63,9 @@ def main() -> int:
     for b in batches:
         prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
         ids = engine.encode(prompts, chat=True)
-        engine.generate(ids, mode="fp", max_new_tokens=args.new_tokens, ignore_eos=True)  # compile
-        res = engine.generate(ids, mode="fp", max_new_tokens=args.new_tokens, ignore_eos=True)
-        ours = res.stats["tokens_generated"] / res.stats["wall_s"]
+        compile_s = engine.generate(  # the first call compiles (or reads the disk cache)
+            ids, mode="fp", max_new_tokens=args.new_tokens, ignore_eos=True
+        ).stats["compile_s"]
 
         longest = max(len(i) for i in ids)  # left-padded batch for transformers
         x = torch.full((b, longest), pad, dtype=torch.long)
@@ -73,15 +76,22 @@ def main() -> int:
         with torch.no_grad():
             hf.generate(x, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                         pad_token_id=pad)  # warm up
-            t0 = time.perf_counter()
-            out = hf.generate(x, attention_mask=mask, max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad)
-            hf_wall = time.perf_counter() - t0
-        hf_tokens = (out.shape[1] - longest) * b
-        theirs = hf_tokens / hf_wall
+        ours_runs, theirs_runs = [], []
+        for _ in range(args.repeats):  # alternating, so drifts of a shared machine hit both
+            res = engine.generate(ids, mode="fp", max_new_tokens=args.new_tokens, ignore_eos=True)
+            ours_runs.append(res.stats["tokens_generated"] / res.stats["wall_s"])
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                out = hf.generate(x, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False,
+                                  pad_token_id=pad)
+                hf_wall = time.perf_counter() - t0
+            theirs_runs.append((out.shape[1] - longest) * b / hf_wall)
+        ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
         same = sum(out[r, longest:].tolist() == res.tokens[r] for r in range(b))
         rows.append(dict(batch=b, qspec_jax_tps=ours, transformers_tps=theirs, ratio=ours / theirs,
-                         same_tokens=f"{same}/{b}", compile_s=res.stats["compile_s"]))
+                         qspec_jax_runs=ours_runs, transformers_runs=theirs_runs,
+                         same_tokens=f"{same}/{b}", compile_s=compile_s))
 
     meta = dict(
         command="python " + " ".join(sys.argv),
@@ -89,6 +99,8 @@ def main() -> int:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         torch_threads=torch.get_num_threads(),
         new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        loadavg_at_end=os.getloadavg(),
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"

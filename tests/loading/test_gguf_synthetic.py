@@ -241,3 +241,41 @@ def test_truncated_embedded_file(tmp_path, gguf_path, frac):
         dst.write(src.read(n))  # the first n bytes
     with pytest.raises(LoadError, match=r"truncated\.gguf.*(truncated|corrupt)"):
         load_gguf(cut)
+
+
+def test_gguf_weights_are_cached_like_quantized_ones(tmp_path, monkeypatch, tiny_file):
+    """quant="gguf": the first load reads the file and writes the checkpoint, the second reads
+    the checkpoint (the file is not opened), with the same arrays and the same greedy tokens."""
+    import jax
+
+    import qspec_jax
+    import qspec_jax.engine
+    import qspec_jax.loading
+    from qspec_jax import disk_cache
+
+    monkeypatch.setenv(disk_cache.ENV_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(disk_cache.ENV_QUANT, raising=False)
+    # the tiny file holds no tokenizer (load() refuses such a file); ids are passed directly
+    monkeypatch.setattr(qspec_jax.engine, "_tokenizer", lambda source, use_cache: None)
+    path, _ = tiny_file
+    first = qspec_jax.load(path, quant="gguf", progress=False)
+    assert first.load_info["quant_cache"] == "written"
+
+    def no_read(*a, **k):
+        raise AssertionError("the GGUF file was read despite a cached checkpoint")
+
+    monkeypatch.setattr(qspec_jax.loading, "load_checkpoint", no_read)
+    second = qspec_jax.load(path, quant="gguf", progress=False)
+    assert second.load_info["quant_cache"] == "hit"
+    assert second.load_info["quant_cache_path"] == first.load_info["quant_cache_path"]
+    assert second.qconfig == first.qconfig
+    la, lb = (jax.tree_util.tree_leaves(e.params) for e in (first, second))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ids = [[5, 6, 7, 8]]
+    assert (
+        second.generate(ids, mode="w4a16", max_new_tokens=6).tokens
+        == first.generate(ids, mode="w4a16", max_new_tokens=6).tokens
+    )
