@@ -115,6 +115,11 @@ def _write_jit(cache, positions, k, v):
 
 
 _commit_jit = jax.jit(lambda cache, n: cache.commit(n))
+# The decoding loop's way: commit stages the chunks, the next step's start quantizes them.
+_staged_commit_jit = jax.jit(
+    lambda cache, n, step: cache.commit(n, flush=False).flush(step_tokens=step),
+    static_argnums=2,
+)
 
 
 def _write_all_layers(cache, positions, k, v):
@@ -191,7 +196,9 @@ def _check_state(cache: HierKVCache, truth_k, truth_v, ref: HierKVCache | None =
 def test_flush_invariants_and_path_independence(seed, residual, gamma, prompt_lens, accepts):
     """Speculative steps (drafts written, verified entries overwritten, a prefix committed) keep
     the invariants, flush only verified values, and end in the same bits as a prefill of the
-    same tokens: the cache is a function of the verified lengths alone."""
+    same tokens: the cache is a function of the verified lengths alone. The loop's staged
+    commit (`commit(flush=False)`, then `flush(step_tokens)`) gives the same bits as the eager
+    one at every step."""
     gamma = min(gamma, residual)
     step = gamma + 1
     cap = 16 + step * 15
@@ -212,8 +219,12 @@ def test_flush_invariants_and_path_independence(seed, residual, gamma, prompt_le
         )  # the verifier's overwrite
         n = np.minimum(np.asarray(acc) % (step + 1), step)
         n = np.minimum(base + n, cache.capacity)
+        staged = _staged_commit_jit(cache, jnp.asarray(n, jnp.int32), step)
         cache = _commit_jit(cache, jnp.asarray(n, jnp.int32))
         _check_state(cache, truth_k, truth_v)
+        for name in ("lengths", "q_len", "buf_start"):
+            np.testing.assert_array_equal(getattr(staged, name), getattr(cache, name), name)
+        _check_state(staged, truth_k, truth_v, ref=cache)
     final = np.asarray(cache.lengths)
     bucket = int(2 ** np.ceil(np.log2(max(final.max(), 16))))
     ref = _prefilled(truth_k, truth_v, final, residual, step, cap, prompt_bucket=bucket)

@@ -124,6 +124,11 @@ class HierLayout:
     step_tokens: int
     attention_impl: str = "xla"
 
+    @property
+    def stage_chunks(self) -> int:
+        """R-chunks one step's commit can complete (step_tokens // R + 1): the stage's size."""
+        return self.step_tokens // self.residual + 1
+
     @classmethod
     def make(
         cls,
@@ -241,6 +246,9 @@ class HierKVCache:
         v_scale, v_min: float32 [layers, batch, q_capacity, kv_heads] per-token value scales.
         k_buf, v_buf: [layers, batch, buffer, kv_heads, head_dim] float ring buffer: position p
             (buf_start[b] <= p < buf_start[b] + buffer) lives at index p mod buffer.
+        k_stage, v_stage: [layers, batch, stage_chunks * R, kv_heads, head_dim] float copies of
+            the chunks at [q_len, q_len + stage_chunks * R), taken by `commit(flush=False)` and
+            quantized by the next `flush(step_tokens)` (see `flush` for why).
         lengths: int32 [batch] valid positions (verified, or during a step the draft's).
         q_len: int32 [batch] positions [0, q_len) hold quantized codes.
         buf_start: int32 [batch] the oldest position held in float (a multiple of R).
@@ -257,6 +265,8 @@ class HierKVCache:
     v_min: jnp.ndarray
     k_buf: jnp.ndarray
     v_buf: jnp.ndarray
+    k_stage: jnp.ndarray
+    v_stage: jnp.ndarray
     lengths: jnp.ndarray
     q_len: jnp.ndarray
     buf_start: jnp.ndarray
@@ -299,6 +309,7 @@ class HierKVCache:
         kgroups = (nl, batch, lay.q_capacity // lay.key_group, kvh, hd)
         vtok = (nl, batch, lay.q_capacity, kvh)
         buf = (nl, batch, lay.buffer, kvh, hd)
+        stage = (nl, batch, lay.stage_chunks * lay.residual, kvh, hd)
         dt = dtype or cfg.jnp_dtype
         z32 = jnp.zeros((batch,), jnp.int32)
         return cls(
@@ -307,6 +318,7 @@ class HierKVCache:
             v_hi=jnp.zeros(codes, jnp.uint8), v_lo=jnp.zeros(codes, jnp.uint8),
             v_scale=jnp.zeros(vtok, jnp.float32), v_min=jnp.zeros(vtok, jnp.float32),
             k_buf=jnp.zeros(buf, dt), v_buf=jnp.zeros(buf, dt),
+            k_stage=jnp.zeros(stage, dt), v_stage=jnp.zeros(stage, dt),
             lengths=z32, q_len=z32, buf_start=z32, layout=lay,
         )  # fmt: skip
 
@@ -374,42 +386,74 @@ class HierKVCache:
         un-committed). Every R-chunk completed by the new length is quantized from the buffer
         (all its tokens are below the verified length), then the buffer drops the chunks that
         no later query reads in float (it then starts at float_start(length)): see `flush`.
-        `flush=False` leaves that to a later `flush()`, which the decoding loop runs at the
-        start of its next step; the cache any forward then reads is the same.
+        `flush=False` (the decoding loop's commit) copies the chunks that may have completed,
+        `layout.stage_chunks` of them from q_len on, into the stage and leaves quantizing them
+        to the next `flush(step_tokens)`, which the loop runs at the start of its next step; the
+        cache any forward then reads is the same. Lengths grow by at most `layout.step_tokens`
+        per such commit.
         """
         lengths = jnp.clip(lengths, self.q_len, self.layout.q_capacity).astype(jnp.int32)
         cache = self.replace(lengths=lengths)
-        return cache.flush() if flush else cache
+        if flush:
+            return cache.flush()
+        lay = self.layout
+        r = lay.residual
+        with jax.named_scope("hier_stage"):
+            offs = [(self.q_len + i * r) % lay.buffer for i in range(lay.stage_chunks)]  # [batch]
+            ks = [_take_tokens(self.k_buf, o, r) for o in offs]  # each [L, batch, R, kvh, hd]
+            vs = [_take_tokens(self.v_buf, o, r) for o in offs]
+        return cache.replace(
+            k_stage=ks[0] if len(ks) == 1 else jnp.concatenate(ks, axis=2),
+            v_stage=vs[0] if len(vs) == 1 else jnp.concatenate(vs, axis=2),
+        )
 
     def flush(self, step_tokens: int | None = None) -> HierKVCache:
         """Quantizes every complete R-chunk below `lengths` not yet quantized; advances the buffer.
 
-        The chunks' tokens are all verified (`lengths` is the committed length here). With
-        `step_tokens` (static: the caller guarantees that `lengths` grew by at most that many
-        positions since the last flush, as the decoding loop's steps do), at most
-        step_tokens // R + 1 chunks can be pending, and that many are unrolled, each written
-        only where it is pending; without it, a loop runs as many chunks as are pending.
+        The chunks' tokens are all verified (`lengths` is the committed length here). Without
+        `step_tokens`, the chunks are read from the float buffer, as many as are pending (a
+        loop). With `step_tokens` (static; the caller guarantees that `lengths` grew by at most
+        that many positions, and at most `layout.step_tokens`, through one `commit(flush=False)`
+        since the last flush, as the decoding loop's steps do), at most step_tokens // R + 1
+        chunks can be pending, and they are read from the stage that commit filled; that many
+        are unrolled, each written only where it is pending.
 
-        Why the decoding loop flushes at the start of a step rather than at the end of the
-        previous one: at the end, XLA:CPU cannot order the in-place chunk writes after the
-        attention kernel's reads of the same arrays (an autoregressive step's new length does
-        not depend on its logits when no EOS is set), so it copied every quantized array twice
-        per step; written before the step's reads, they are updated in place.
+        Why the decoding loop flushes at the start of a step, from a stage: at the end of a
+        step, XLA:CPU cannot order the in-place chunk writes after the attention kernel's reads
+        of the same arrays (an autoregressive step's new length does not depend on its logits
+        when no EOS is set), so it copied every quantized array twice per step; and reading the
+        chunks from the float buffer at the start of a step, unordered against the first layer's
+        in-place write of the buffer, made it copy the whole float buffer (k and v, all layers)
+        four times per step. The stage is read from the buffer after the step's last write and
+        is the only thing the flush reads, so every array is updated in place (counted in the
+        compiled program, 2026-11-23: no in-loop copies of the cache arrays).
         """
         lay = self.layout
         r = lay.residual
         lengths = self.lengths
         new_q = (lengths // r) * r
         n_chunks = jnp.maximum(new_q - self.q_len, 0) // r  # [batch] >= 0
+        if step_tokens is not None and step_tokens // r + 1 > lay.stage_chunks:
+            raise ValueError(
+                f"flush(step_tokens={step_tokens}) needs {step_tokens // r + 1} staged chunks, the "
+                f"layout stages {lay.stage_chunks}: make the cache with step_tokens >= {step_tokens}"
+            )
 
         names = ("k_hi", "k_lo", "k_scale", "k_min", "v_hi", "v_lo", "v_scale", "v_min")
 
-        def quantize_chunk(i, q):  # q: the 8 quantized arrays (the buffers are only read)
+        def from_buffer(i):  # chunk i's float K/V [L, batch, R, kvh, hd], from the ring
+            off = (self.q_len + i * r) % lay.buffer  # [batch] (held: start >= buf_start)
+            return _take_tokens(self.k_buf, off, r), _take_tokens(self.v_buf, off, r)
+
+        def from_stage(i):  # the same, from the stage (i static)
+            return self.k_stage[:, :, i * r : (i + 1) * r], self.v_stage[:, :, i * r : (i + 1) * r]
+
+        def quantize_chunk(i, q, read):  # q: the 8 quantized arrays
             do = i < n_chunks  # [batch]
             start = self.q_len + i * r  # [batch] absolute position of the chunk
-            off = start % lay.buffer  # [batch] its ring index (held: start >= buf_start)
-            kq = _quantize_keys(_take_tokens(self.k_buf, off, r), lay.key_group)
-            vq = _quantize_values(_take_tokens(self.v_buf, off, r))
+            k, v = read(i)
+            kq = _quantize_keys(k, lay.key_group)
+            vq = _quantize_values(v)
             g = start // lay.key_group
             at = (start, start, g, g, start, start, start, start)
             return tuple(_put_tokens(x, o, u, do) for x, o, u in zip(q, at, kq + vq))
@@ -418,10 +462,12 @@ class HierKVCache:
         q = tuple(getattr(self, n) for n in names)
         with jax.named_scope("hier_flush"):
             if step_tokens is None:
-                q = jax.lax.fori_loop(0, jnp.max(n_chunks), quantize_chunk, q)
+                q = jax.lax.fori_loop(
+                    0, jnp.max(n_chunks), lambda i, q: quantize_chunk(i, q, from_buffer), q
+                )
             else:
                 for i in range(step_tokens // r + 1):
-                    q = quantize_chunk(i, q)
+                    q = quantize_chunk(i, q, from_stage)
         return self.replace(
             **dict(zip(names, q)), q_len=jnp.maximum(new_q, self.q_len), buf_start=new_start
         )
