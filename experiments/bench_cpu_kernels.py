@@ -178,7 +178,7 @@ def main() -> int:
         x, f32h = other(r, "xla"), other(r, "cpu-f32head")
         name = r["mode"] + (f" γ={r['gamma']} (W4A8 draft)" if r["mode"] == "qspec" else "")
         acc = cell(r, "acceptance", ".2f")
-        same = " / ".join("" if q is None else str(q["same_tokens_as_w4a16"]) for q in (r, f32h, x))
+        same = " / ".join("" if q is None else str(q.get("same_tokens_as_w4a16")) for q in (r, f32h, x))
         print(
             f"| {r['batch']} | {name} | {cell(x, 'ms_per_token', '.1f')} | "
             f"{cell(f32h, 'ms_per_token', '.1f')} | {r['ms_per_token']:.1f} | "
