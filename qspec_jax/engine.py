@@ -465,7 +465,7 @@ class Engine:
             v = int(vsteps[:n].sum())
             stats.update(
                 gamma=dc.gamma,
-                draft=dc.draft_precision,
+                draft=dc.draft_weights_precision,  # quantspec drafts in the verify precision
                 draft_tokens_proposed=prop,
                 draft_tokens_accepted=acc,
                 acceptance_rate=acc / prop if prop else float("nan"),

@@ -143,6 +143,8 @@ def test_engine_quantspec_and_kv_cache_option(tiny_engine):
     mix = tiny_engine.generate(prompts, mode="qspec", gamma=3, kv_cache="hier", **kw)
     assert qs.tokens == ar.tokens == mix.tokens
     assert qs.stats["kv_cache"] == "hier" and 0 < qs.stats["acceptance_rate"] <= 1
+    # the precision the drafts really run in: the verifier's for quantspec, the draft's for qspec
+    assert qs.stats["draft"] == "w4a16" and mix.stats["draft"] == "w4a8"  # generate's default
     flt = tiny_engine.generate(prompts, mode="w4a16", **kw)
     assert flt.stats["kv_cache"] == "float"
     # tiny: 2 layers, 2 KV heads of 32 -> float32 512 B/token; int8 codes + scales much less,
