@@ -12,7 +12,6 @@ table with the ratio and writes experiments/results/bench_decode.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -50,6 +49,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     import qspec_jax
+    from qspec_jax.eval.harness import write_json_atomic
     from qspec_jax.loading import embedded_gguf_path
 
     engine = qspec_jax.load("smollm2-135m")
@@ -102,11 +102,8 @@ def main() -> int:
         repeats=args.repeats,
         loadavg_at_end=os.getloadavg(),
     )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    os.replace(tmp, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_json_atomic(args.out, dict(meta=meta, rows=rows))
     print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
     print("| batch | qspec-jax fp32 tok/s | transformers fp32 tok/s | ratio | same tokens |")
     print("|---:|---:|---:|---:|---:|")

@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from qspec_jax.eval.harness import write_json_atomic
+
 
 def run_once(cache_dir: str, args) -> dict:
     """One `qspec-jax generate` process; its wall seconds and the JSON stats it printed."""
@@ -43,13 +45,12 @@ def run_once(cache_dir: str, args) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"qspec-jax generate failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    stats = out.get("stats", out)
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])["stats"]
     return dict(
         wall_s=wall,
-        compile_s=stats.get("compile_s"),
-        compile_source=stats.get("compile_source"),
-        tokens=stats.get("tokens_generated"),
+        compile_s=stats["compile_s"],
+        compile_source=stats["compile_source"],
+        tokens=stats["tokens_generated"],
     )
 
 
@@ -94,11 +95,8 @@ def main(argv=None) -> int:
         loadavg_at_end=os.getloadavg(),
         settings=vars(args),
     )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta=meta, summary=summary, runs=runs), f, indent=2)
-    os.replace(tmp, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_json_atomic(args.out, dict(meta=meta, summary=summary, runs=runs))
     print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
     print("| caches | process wall s (median) | compile_s (median) | program from |")
     print("|---|---:|---:|---|")

@@ -115,7 +115,7 @@ def enable_compilation_cache() -> str | None:
 
 # ============================================================================ quantized weights
 def _code_digest() -> str:
-    """sha256 of the loader, quantizer and packing sources: a code change never reuses old weights."""
+    """sha256 of the loader, quantizer and packing sources (a code change never reuses weights)."""
     import pallas_kernels  # noqa: PLC0415
     import qspec_jax  # noqa: PLC0415
 
@@ -225,9 +225,10 @@ def _dir_digests(path: str) -> dict[str, str]:
 def _read_tokenizer(path: str):
     """A saved tokenizer; the generic fast class directly when that is what was saved.
 
-    `AutoTokenizer` imports transformers' whole tokenizer registry first (about 1.3 s of a
-    2.3 s read on this 2-core machine, measured 2026-11-23); a converted GGUF tokenizer is the
-    generic fast class (`TokenizersBackend` in transformers 5), which loads without it.
+    `AutoTokenizer` imports transformers' whole tokenizer registry first (a second or more on a
+    2-core machine; `experiments/profile_first_call.py` shows the read); a converted GGUF
+    tokenizer is the generic fast class (`TokenizersBackend` in transformers 5), which loads
+    without it.
     """
     import transformers  # noqa: PLC0415
 

@@ -553,8 +553,9 @@ def load(
         compile_cache: turn on JAX's persistent compilation cache under the user's cache home
             (see `qspec_jax.disk_cache`; ``QSPEC_JAX_COMPILE_CACHE=0`` also turns it off).
         quant_cache: quantize once: reuse the orbax checkpoint the first quantization (for
-            "gguf": the first read of the file's int4 codes) of the same model file (path, size, mtime), method, group size, seed, dtype, options and
-            quantizer source code wrote under the user's cache home, and write one after
+            "gguf": the first read of the file's int4 codes) of the same model file (path,
+            size, mtime), method, group size, seed, dtype, options and loader / quantizer
+            source code wrote under the user's cache home, and write one after
             quantizing (``QSPEC_JAX_QUANT_CACHE=0`` also turns it off). A cached checkpoint
             that fails validation is quantized again and replaced, never used.
             `Engine.load_info` says what happened.
@@ -574,7 +575,7 @@ def load(
     entry = None
     # "gguf" is cached too: its weights need no quantizing, but reading them from the file
     # costs more than the checkpoint (gguf's reader parses every metadata field, the
-    # tokenizer's 49k strings included: 4.8 of 5.9 s for SmolLM2, profiled 2026-11-23).
+    # tokenizer's 49k strings included; experiments/profile_first_call.py measures both).
     if quant != "none" and quant_cache and disk_cache.quant_cache_enabled():
         entry = _quant_cache_entry(model, quant, group_size, dtype, seed, quant_options)
     info: dict[str, Any] = {"quant_cache": "off" if entry is None else "miss"}

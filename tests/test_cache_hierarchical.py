@@ -116,10 +116,7 @@ def _write_jit(cache, positions, k, v):
 
 _commit_jit = jax.jit(lambda cache, n: cache.commit(n))
 # The decoding loop's way: commit stages the chunks, the next step's start quantizes them.
-_staged_commit_jit = jax.jit(
-    lambda cache, n, step: cache.commit(n, flush=False).flush(step_tokens=step),
-    static_argnums=2,
-)
+_staged_commit_jit = jax.jit(lambda cache, n: cache.commit(n, flush=False).flush())
 
 
 def _write_all_layers(cache, positions, k, v):
@@ -197,7 +194,7 @@ def test_flush_invariants_and_path_independence(seed, residual, gamma, prompt_le
     """Speculative steps (drafts written, verified entries overwritten, a prefix committed) keep
     the invariants, flush only verified values, and end in the same bits as a prefill of the
     same tokens: the cache is a function of the verified lengths alone. The loop's staged
-    commit (`commit(flush=False)`, then `flush(step_tokens)`) gives the same bits as the eager
+    commit (`commit(flush=False)`, then `flush()`) gives the same bits as the eager
     one at every step."""
     gamma = min(gamma, residual)
     step = gamma + 1
@@ -219,7 +216,7 @@ def test_flush_invariants_and_path_independence(seed, residual, gamma, prompt_le
         )  # the verifier's overwrite
         n = np.minimum(np.asarray(acc) % (step + 1), step)
         n = np.minimum(base + n, cache.capacity)
-        staged = _staged_commit_jit(cache, jnp.asarray(n, jnp.int32), step)
+        staged = _staged_commit_jit(cache, jnp.asarray(n, jnp.int32))
         cache = _commit_jit(cache, jnp.asarray(n, jnp.int32))
         _check_state(cache, truth_k, truth_v)
         for name in ("lengths", "q_len", "buf_start"):

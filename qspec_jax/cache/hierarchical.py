@@ -248,7 +248,7 @@ class HierKVCache:
             (buf_start[b] <= p < buf_start[b] + buffer) lives at index p mod buffer.
         k_stage, v_stage: [layers, batch, stage_chunks * R, kv_heads, head_dim] float copies of
             the chunks at [q_len, q_len + stage_chunks * R), taken by `commit(flush=False)` and
-            quantized by the next `flush(step_tokens)` (see `flush` for why).
+            quantized by the next `flush()` (see `flush` for why).
         lengths: int32 [batch] valid positions (verified, or during a step the draft's).
         q_len: int32 [batch] positions [0, q_len) hold quantized codes.
         buf_start: int32 [batch] the oldest position held in float (a multiple of R).
@@ -385,38 +385,31 @@ class HierKVCache:
         Lengths are clipped to [q_len, capacity] (committed, quantized positions cannot be
         un-committed). Every R-chunk completed by the new length is quantized from the buffer
         (all its tokens are below the verified length), then the buffer drops the chunks that
-        no later query reads in float (it then starts at float_start(length)): see `flush`.
-        `flush=False` (the decoding loop's commit) copies the chunks that may have completed,
-        `layout.stage_chunks` of them from q_len on, into the stage and leaves quantizing them
-        to the next `flush(step_tokens)`, which the loop runs at the start of its next step; the
-        cache any forward then reads is the same. Lengths grow by at most `layout.step_tokens`
-        per such commit.
+        no later query reads in float (it then starts at float_start(length)); any number of
+        chunks, read from the ring. `flush=False` (the decoding loop's commit; lengths grow by
+        at most `layout.step_tokens`) copies the `layout.stage_chunks` chunks from q_len on, the
+        ones that may have completed, into the stage and leaves quantizing them to the next
+        `flush()`, which the loop runs at the start of its next step; the cache any forward then
+        reads is the same.
         """
         lengths = jnp.clip(lengths, self.q_len, self.layout.q_capacity).astype(jnp.int32)
         cache = self.replace(lengths=lengths)
         if flush:
-            return cache.flush()
-        lay = self.layout
-        r = lay.residual
+            n_max = jnp.max(cache._pending_chunks())
+            run = lambda body, q: jax.lax.fori_loop(0, n_max, body, q)  # noqa: E731
+            return cache._quantize_pending(run, cache._ring_chunk)
         with jax.named_scope("hier_stage"):
-            offs = [(self.q_len + i * r) % lay.buffer for i in range(lay.stage_chunks)]  # [batch]
-            ks = [_take_tokens(self.k_buf, o, r) for o in offs]  # each [L, batch, R, kvh, hd]
-            vs = [_take_tokens(self.v_buf, o, r) for o in offs]
-        return cache.replace(
-            k_stage=ks[0] if len(ks) == 1 else jnp.concatenate(ks, axis=2),
-            v_stage=vs[0] if len(vs) == 1 else jnp.concatenate(vs, axis=2),
-        )
+            chunks = [self._ring_chunk(i) for i in range(self.layout.stage_chunks)]
+            k_stage = jnp.concatenate([k for k, _ in chunks], axis=2)
+            v_stage = jnp.concatenate([v for _, v in chunks], axis=2)
+        return cache.replace(k_stage=k_stage, v_stage=v_stage)  # [L, batch, stage, kvh, hd]
 
-    def flush(self, step_tokens: int | None = None) -> HierKVCache:
-        """Quantizes every complete R-chunk below `lengths` not yet quantized; advances the buffer.
+    def flush(self) -> HierKVCache:
+        """Quantizes the chunks the last `commit(flush=False)` staged; advances the buffer.
 
-        The chunks' tokens are all verified (`lengths` is the committed length here). Without
-        `step_tokens`, the chunks are read from the float buffer, as many as are pending (a
-        loop). With `step_tokens` (static; the caller guarantees that `lengths` grew by at most
-        that many positions, and at most `layout.step_tokens`, through one `commit(flush=False)`
-        since the last flush, as the decoding loop's steps do), at most step_tokens // R + 1
-        chunks can be pending, and they are read from the stage that commit filled; that many
-        are unrolled, each written only where it is pending.
+        The chunks' tokens are all verified (`lengths` is the committed length here). At most
+        `layout.stage_chunks` chunks can be pending after one such commit; that many are
+        unrolled, each written only where it is pending.
 
         Why the decoding loop flushes at the start of a step, from a stage: at the end of a
         step, XLA:CPU cannot order the in-place chunk writes after the attention kernel's reads
@@ -425,30 +418,47 @@ class HierKVCache:
         chunks from the float buffer at the start of a step, unordered against the first layer's
         in-place write of the buffer, made it copy the whole float buffer (k and v, all layers)
         four times per step. The stage is read from the buffer after the step's last write and
-        is the only thing the flush reads, so every array is updated in place (counted in the
-        compiled program, 2026-11-23: no in-loop copies of the cache arrays).
+        is the only thing the flush reads, so every array is updated in place (counted with
+        `experiments/count_hlo_copies.py`).
+        """
+        r = self.layout.residual
+
+        def unrolled(body, q):
+            for i in range(self.layout.stage_chunks):
+                q = body(i, q)
+            return q
+
+        def from_stage(i):  # chunk i's float K/V [L, batch, R, kvh, hd] (i static)
+            return self.k_stage[:, :, i * r : (i + 1) * r], self.v_stage[:, :, i * r : (i + 1) * r]
+
+        return self._quantize_pending(unrolled, from_stage)
+
+    def _ring_chunk(self, i):
+        """Chunk i from q_len on, from the float ring: k, v [layers, batch, R, kv_heads, hd].
+
+        Held whenever it is pending (its start is at or past buf_start).
+        """
+        r = self.layout.residual
+        off = (self.q_len + i * r) % self.layout.buffer  # [batch]
+        return _take_tokens(self.k_buf, off, r), _take_tokens(self.v_buf, off, r)
+
+    def _pending_chunks(self) -> jnp.ndarray:
+        """[batch] complete R-chunks below `lengths` not yet quantized."""
+        r = self.layout.residual
+        return jnp.maximum((self.lengths // r) * r - self.q_len, 0) // r
+
+    def _quantize_pending(self, run, read) -> HierKVCache:
+        """Quantizes the pending chunks into the quantized arrays; sets q_len and buf_start.
+
+        Chunk i's float K/V come from `read(i)`; `run(body, arrays)` runs body(i, arrays) over
+        the chunks (a loop or unrolled).
         """
         lay = self.layout
         r = lay.residual
-        lengths = self.lengths
-        new_q = (lengths // r) * r
-        n_chunks = jnp.maximum(new_q - self.q_len, 0) // r  # [batch] >= 0
-        if step_tokens is not None and step_tokens // r + 1 > lay.stage_chunks:
-            raise ValueError(
-                f"flush(step_tokens={step_tokens}) needs {step_tokens // r + 1} staged chunks, the "
-                f"layout stages {lay.stage_chunks}: make the cache with step_tokens >= {step_tokens}"
-            )
-
+        n_chunks = self._pending_chunks()  # [batch]
         names = ("k_hi", "k_lo", "k_scale", "k_min", "v_hi", "v_lo", "v_scale", "v_min")
 
-        def from_buffer(i):  # chunk i's float K/V [L, batch, R, kvh, hd], from the ring
-            off = (self.q_len + i * r) % lay.buffer  # [batch] (held: start >= buf_start)
-            return _take_tokens(self.k_buf, off, r), _take_tokens(self.v_buf, off, r)
-
-        def from_stage(i):  # the same, from the stage (i static)
-            return self.k_stage[:, :, i * r : (i + 1) * r], self.v_stage[:, :, i * r : (i + 1) * r]
-
-        def quantize_chunk(i, q, read):  # q: the 8 quantized arrays
+        def quantize_chunk(i, q):  # q: the 8 quantized arrays
             do = i < n_chunks  # [batch]
             start = self.q_len + i * r  # [batch] absolute position of the chunk
             k, v = read(i)
@@ -458,18 +468,12 @@ class HierKVCache:
             at = (start, start, g, g, start, start, start, start)
             return tuple(_put_tokens(x, o, u, do) for x, o, u in zip(q, at, kq + vq))
 
-        new_start = jnp.maximum(float_start(lengths, r), self.buf_start)  # [batch]
-        q = tuple(getattr(self, n) for n in names)
         with jax.named_scope("hier_flush"):
-            if step_tokens is None:
-                q = jax.lax.fori_loop(
-                    0, jnp.max(n_chunks), lambda i, q: quantize_chunk(i, q, from_buffer), q
-                )
-            else:
-                for i in range(step_tokens // r + 1):
-                    q = quantize_chunk(i, q, from_stage)
+            q = run(quantize_chunk, tuple(getattr(self, n) for n in names))
         return self.replace(
-            **dict(zip(names, q)), q_len=jnp.maximum(new_q, self.q_len), buf_start=new_start
+            **dict(zip(names, q)),
+            q_len=self.q_len + n_chunks * r,
+            buf_start=jnp.maximum(float_start(self.lengths, r), self.buf_start),  # [batch]
         )
 
     # ---------------------------------------------------------------- reading
@@ -716,7 +720,7 @@ def _take_tokens(x: jnp.ndarray, offsets: jnp.ndarray, n: int) -> jnp.ndarray:
         jax.lax.dynamic_slice_in_dim(x[:, b : b + 1], offsets[b], n, axis=2)
         for b in range(x.shape[1])
     ]  # each [layers, 1, n, ...]
-    return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
+    return jnp.concatenate(rows, axis=1)
 
 
 def _put_tokens(x: jnp.ndarray, offsets: jnp.ndarray, new: jnp.ndarray, do: jnp.ndarray):

@@ -12,9 +12,9 @@ each returning a new cache):
 * ``commit(lengths, flush=True)``: set the verified lengths after a step (a hierarchical cache
   quantizes and flushes completed chunks here, or with ``flush=False`` at the next ``flush()``;
   either way only verified tokens are ever flushed);
-* ``flush(step_tokens=None)``: quantize what the last commit completed (the decoding loop calls
-  it at the start of every step, before any forward reads the cache; a float cache returns
-  itself);
+* ``flush()``: quantize what the last ``commit(lengths, flush=False)`` completed (the decoding
+  loop calls it at the start of every step, before any forward reads the cache; a float cache
+  returns itself);
 * ``lengths`` (a field; moving it back is rollback), ``capacity``, ``replace(...)``;
 * ``kv_bytes(lengths)`` / ``kv_bytes_per_token()``: memory accounting for stats.
 
@@ -53,7 +53,7 @@ class CacheFormat(Protocol):
 
     def commit(self, lengths: jnp.ndarray, flush: bool = True) -> CacheFormat: ...
 
-    def flush(self, step_tokens: int | None = None) -> CacheFormat: ...
+    def flush(self) -> CacheFormat: ...
 
     def kv_bytes(self, lengths) -> int: ...
 

@@ -495,7 +495,7 @@ def step(state: DecodeState, params: Params, cfg, qcfg, dc: DecodeConfig) -> Dec
     """The one step function shared by the jitted loop and the Python loop."""
     # A quantized cache quantizes the chunks the last commit completed here, before this step's
     # forwards read it (see `HierKVCache.flush`); a float cache returns itself.
-    state = state.replace(cache=state.cache.flush(step_tokens=dc.tokens_per_step))
+    state = _flushed(state)
     if dc.mode == "hspec":
         from qspec_jax.decoding.hspec import hspec_step  # noqa: PLC0415
 
@@ -548,12 +548,12 @@ def generate(
     """
     state = prefill(params, cache, prompt_tokens, prompt_lens, key, cfg, qcfg, dc, max_new_tokens)
     state = jax.lax.while_loop(cond, lambda s: step(s, params, cfg, qcfg, dc), state)
-    return _flushed(state, dc)
+    return _flushed(state)  # the returned cache holds the format's invariants
 
 
-def _flushed(state: DecodeState, dc: DecodeConfig) -> DecodeState:
-    """The final state with its last commit flushed, so the returned cache holds the invariants."""
-    return state.replace(cache=state.cache.flush(step_tokens=dc.tokens_per_step))
+def _flushed(state: DecodeState) -> DecodeState:
+    """The state with its cache's last commit flushed (see `HierKVCache.flush`)."""
+    return state.replace(cache=state.cache.flush())
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("cfg", "qcfg", "dc"))
@@ -577,4 +577,4 @@ def generate_python(
     )
     while bool(cond(state)):
         state = _step_jit(state, params, cfg=cfg, qcfg=qcfg, dc=dc)
-    return _flushed(state, dc)
+    return _flushed(state)
