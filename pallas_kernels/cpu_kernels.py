@@ -55,7 +55,9 @@ SOURCES = tuple(
     os.path.join(CSRC, name)
     for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc", "hier_attention_cpu.cc")
 )
-HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h", "simd.h"))
+HEADERS = tuple(
+    os.path.join(CSRC, name) for name in ("parallel.h", "simd.h", "w4ax_body.inc")
+)
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -69,12 +71,17 @@ FLAGS = (
 TARGETS = {
     "qspec_w4a16_int4": "QspecW4A16Int4",
     "qspec_w4ax_int4": "QspecW4AXInt4",
+    "qspec_w4ax_f32_int4": "QspecW4AXF32Int4",
     "qspec_q8_head": "QspecQ8Head",
     "qspec_attention_f32": "QspecAttentionF32",
     "qspec_hier_attention": "QspecHierAttention",  # csrc/hier_attention_cpu.cc
 }
 # Column multiples the kernels vectorize over (N must be a multiple).
-W4A16_COLS, W4AX_COLS = 8, 16
+W4A16_COLS, W4AX_COLS = 8, 32
+# The W4AX kernel's instruction sets: "auto" uses AVX-512 VNNI (vpdpbusd) where the CPU has it,
+# else AVX2 (vpmaddubsw + vpmaddwd); "avx2" forces the latter. Both give bit-identical results.
+W4AX_ISAS = {"auto": 0, "avx2": 1}
+VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -160,6 +167,11 @@ def unavailable_reason() -> str | None:
         return reason
 
 
+def has_vnni() -> bool:
+    """Whether this CPU runs the W4AX kernel's AVX-512 VNNI variant (what isa="auto" picks)."""
+    return VNNI_FLAGS <= _cpu_flags()
+
+
 def available() -> bool:
     """True when the CPU kernels are built and registered (see `unavailable_reason`)."""
     return unavailable_reason() is None
@@ -218,6 +230,7 @@ def w4ax_matmul_cpu(
     mins=None,
     *,
     out_dtype=jnp.float32,
+    isa: str = "auto",
 ) -> jax.Array:
     """W4A4 / W4A8 matmul of int8 activation codes on the CPU kernel (exact int32 blocks).
 
@@ -228,13 +241,18 @@ def w4ax_matmul_cpu(
       scales: weight scales [K/G, N].
       mins: weight mins [K/G, N] or None (signed codes).
       out_dtype: output dtype.
+      isa: "auto" (AVX-512 VNNI where the CPU has it, else AVX2) or "avx2" (`W4AX_ISAS`; the
+        two give bit-identical results).
 
     Returns:
       [M, N] array of out_dtype.
 
     Raises:
-      NotImplementedError: unsupported shapes or kernels unavailable (dispatch uses XLA).
+      NotImplementedError: unsupported shapes (N not a multiple of 32, ...) or kernels
+        unavailable (dispatch uses XLA).
     """
+    if isa not in W4AX_ISAS:
+        raise ValueError(f"unknown isa {isa!r}; expected one of {tuple(W4AX_ISAS)}")
     if not available():
         raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
     m, k = a_codes.shape
@@ -245,7 +263,64 @@ def w4ax_matmul_cpu(
         raise NotImplementedError(f"int4 cpu kernel: a_scales shape {a_scales.shape}")
     p, s, mn, has_mins = _weight_args(k, n, packed, scales, mins, W4AX_COLS)
     out = jax.ffi.ffi_call("qspec_w4ax_int4", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        a_codes, a_scales.astype(jnp.float32), p, s, mn, has_mins=has_mins
+        a_codes, a_scales.astype(jnp.float32), p, s, mn, has_mins=has_mins,
+        isa=np.int64(W4AX_ISAS[isa]),
+    )  # [M, N]
+    return out.astype(out_dtype)
+
+
+def quantize_w4ax_matmul_cpu(
+    x: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    mins=None,
+    *,
+    bits: int,
+    group_size: int = 0,
+    clip_ratio: float = 1.0,
+    out_dtype=jnp.float32,
+    isa: str = "auto",
+) -> jax.Array:
+    """Activation quantization and the W4AX matmul in one CPU kernel call.
+
+    Computes exactly ``w4ax_matmul_cpu(*quantize_activations_reference(x, ...), packed, ...)``
+    (`pallas_kernels.act_quant`: per-group amax, scale = amax * float32(r / qmax), codes by
+    round-half-even of an IEEE float32 division, clipped), with the codes and scales kept in
+    the kernel's own memory. One custom call instead of XLA's quantization fusions before it:
+    in the decode loop those small ops cost more than the matmul they feed (README, "Speed").
+
+    Args:
+      x: float activations [M, K] (quantized from float32).
+      packed, scales, mins: the int4 weight as in `w4ax_matmul_cpu`.
+      bits: 4 or 8.
+      group_size: activation group size Ga (0 = per token); a multiple of 32 dividing K.
+      clip_ratio: scale multiplier r.
+      out_dtype: output dtype.
+      isa: as in `w4ax_matmul_cpu`.
+
+    Returns:
+      [M, N] array of out_dtype.
+
+    Raises:
+      NotImplementedError: unsupported bits / shapes or kernels unavailable (dispatch then
+        quantizes with XLA and calls the matmul separately).
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    if isa not in W4AX_ISAS:
+        raise ValueError(f"unknown isa {isa!r}; expected one of {tuple(W4AX_ISAS)}")
+    m, k = x.shape
+    n = packed.shape[1]
+    ga = group_size or k
+    if bits not in (4, 8) or k % ga or ga % HALF_TILE:
+        raise NotImplementedError(
+            f"int4 cpu kernel: {bits}-bit activations in groups of {ga} over K={k}"
+        )
+    qmax = 2 ** (bits - 1) - 1
+    p, s, mn, has_mins = _weight_args(k, n, packed, scales, mins, W4AX_COLS)
+    out = jax.ffi.ffi_call("qspec_w4ax_f32_int4", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        x.astype(jnp.float32), p, s, mn, has_mins=has_mins, group_size=np.int64(group_size),
+        qmax=np.int64(qmax), ratio=np.float32(clip_ratio / qmax), isa=np.int64(W4AX_ISAS[isa]),
     )  # [M, N]
     return out.astype(out_dtype)
 

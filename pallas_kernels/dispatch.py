@@ -212,6 +212,52 @@ def w4ax_matmul(
     return out.reshape(*lead, out.shape[-1])
 
 
+def quantize_w4ax_matmul(
+    x: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    mins: jax.Array | None = None,
+    *,
+    bits: int,
+    group_size: int = 0,
+    clip_ratio: float = 1.0,
+    out_dtype=jnp.float32,
+    impl: Impl = None,
+) -> jax.Array:
+    """Quantizes x's activations, then the W4A4 / W4A8 matmul: what a low-bit linear computes.
+
+    On the CPU kernels both run in one custom call (`cpu_kernels.quantize_w4ax_matmul_cpu`,
+    bit-identical to the two steps); elsewhere it is `quantize_activations` then `w4ax_matmul`
+    with the same impl.
+
+    Args:
+      x: float activations [..., K].
+      packed, scales, mins: the int4 weight (see `w4ax_matmul`).
+      bits: 4 or 8; group_size: activation group size Ga (0 = per token); clip_ratio: r.
+      out_dtype: output dtype.
+      impl: None (auto), "xla", "pallas", "pallas_interpret" or "cpu".
+
+    Returns:
+      [..., N] array of out_dtype.
+    """
+    x2, lead = _rows(x)  # [M, K]
+    if (default_impl() if impl is None else impl) == "cpu":
+        try:
+            out = _cpu_fn("quantize_w4ax_matmul_cpu")(
+                x2, packed, scales, mins, bits=bits, group_size=group_size,
+                clip_ratio=clip_ratio, out_dtype=out_dtype,
+            )  # fmt: skip
+            return out.reshape(*lead, out.shape[-1])
+        except NotImplementedError:
+            if impl is not None:
+                raise
+    codes, a_scales = quantize_activations(
+        x2, bits=bits, group_size=group_size, clip_ratio=clip_ratio, impl=impl
+    )
+    out = w4ax_matmul(codes, a_scales, packed, scales, mins, out_dtype=out_dtype, impl=impl)
+    return out.reshape(*lead, out.shape[-1])
+
+
 def quantize_activations(
     x: jax.Array,
     *,

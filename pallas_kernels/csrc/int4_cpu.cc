@@ -1,5 +1,6 @@
-// CPU kernels (x86-64 AVX2 + FMA) for the packed int4 layout of pallas_kernels/int4.py, exposed
-// to XLA as FFI handlers (see pallas_kernels/cpu_kernels.py, which builds and registers them).
+// CPU kernels (x86-64 AVX2 + FMA; the W4AX body also built for AVX-512 VNNI and picked at run
+// time) for the packed int4 layout of pallas_kernels/int4.py, exposed to XLA as FFI handlers
+// (see pallas_kernels/cpu_kernels.py, which builds and registers them).
 //
 // Why they exist: XLA:CPU cannot fuse int4 unpacking into a dot, so its path dequantizes every
 // weight to a float32 copy (hoisted out of the decode loop: 4 bytes a weight read per token,
@@ -138,121 +139,100 @@ void W4A16(ffi::ThreadPool& pool, const float* x, const uint8_t* packed, const f
 }
 
 // ---------------------------------------------------------------------------------------------
-// W4AX: int8 activation codes a [M, K] with float32 scales [M, K/Ga]; the same arithmetic as
-// pallas_kernels.w4ax_matmul's reference: for each block of c = gcd(G, Ga) rows of K,
-// acc = sum a * code in exact int32, then out += (float(acc) * sa) * sw (+ (float(rs) * sa) * mn
-// with rs = sum of a over the block, for unsigned codes with mins). Signed codes are read as
-// code + 8 in [0, 15] and corrected exactly in int32 (acc = acc' - 8 * rs).
-//
-// Integer inner loop: vpmaddubsw multiplies unsigned code bytes by signed activation bytes for
-// two adjacent rows (r, r+1) of a half tile and adds the pair into int16 (at most
-// 2 * 15 * 128 = 3840); eight pairs are summed in int16 (<= 30720 < 32767) before widening to
-// int32, so nothing overflows.
+// W4AX: int8 activation codes a [M, K] with float32 scales [M, K/Ga]; body in w4ax_body.inc,
+// built twice (AVX2 and AVX-512 VNNI) and picked at run time.
 
-inline __m256i PairCodes(__m128i r0, __m128i r1) {
-  // 16 columns of two rows -> [r0c0, r1c0, r0c1, r1c1, ...] (column order kept)
-  return _mm256_set_m128i(_mm_unpackhi_epi8(r0, r1), _mm_unpacklo_epi8(r0, r1));
+// u8 x s8 products of 4 adjacent bytes summed into each int32 lane, exactly (vpdpbusd's result):
+// vpmaddubsw pairs them into int16 (at most 2 * 15 * 128 = 3840 for codes <= 15: no saturation),
+// vpmaddwd by ones adds the pairs into int32.
+inline __m256i DpBusdAvx2(__m256i acc, __m256i u8, __m256i s8) {
+  const __m256i pairs = _mm256_maddubs_epi16(u8, s8);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-template <bool kSigned, bool kMins>
-void W4AXRow(const int8_t* a, const float* as, int64_t ga, const int32_t* rsum,
-             const uint8_t* packed, const float* scales, const float* mins, int64_t k, int64_t n,
-             int64_t g, int64_t c, int64_t n0, float* out) {
-  // 16 columns [n0, n0 + 16) of one row.
-  const __m128i nib = _mm_set1_epi8(0xF);
-  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x88));
-  __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
-  __m256i blk0 = _mm256_setzero_si256(), blk1 = _mm256_setzero_si256();  // int32, this block
-  const int64_t tiles = k / (2 * kHalf);
-  // Half-tile h in order 2t (low nibbles) then 2t + 1 (high nibbles); a block closes after the
-  // half whose end is a multiple of c.
-  for (int64_t t = 0; t < tiles; ++t) {
-    __m256i lo32_0 = _mm256_setzero_si256(), lo32_1 = _mm256_setzero_si256();
-    __m256i hi32_0 = _mm256_setzero_si256(), hi32_1 = _mm256_setzero_si256();
-    const uint8_t* p = packed + t * kHalf * n + n0;
-    const int8_t* at = a + t * 2 * kHalf;
-    for (int64_t r8 = 0; r8 < kHalf; r8 += 16) {  // 8 pairs of rows, int16 accumulation
-      __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
-      for (int64_t r = r8; r < r8 + 16; r += 2) {
-        __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * n));
-        __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (r + 1) * n));
-        if (kSigned) {
-          b0 = _mm_xor_si128(b0, flip);
-          b1 = _mm_xor_si128(b1, flip);
-        }
-        const __m256i lo = PairCodes(_mm_and_si128(b0, nib), _mm_and_si128(b1, nib));
-        const __m256i hi = PairCodes(_mm_and_si128(_mm_srli_epi16(b0, 4), nib),
-                                     _mm_and_si128(_mm_srli_epi16(b1, 4), nib));
-        int16_t alo, ahi;
-        std::memcpy(&alo, at + r, 2);
-        std::memcpy(&ahi, at + kHalf + r, 2);
-        lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(lo, _mm256_set1_epi16(alo)));
-        hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(hi, _mm256_set1_epi16(ahi)));
-      }
-      lo32_0 = _mm256_add_epi32(lo32_0, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo16)));
-      lo32_1 = _mm256_add_epi32(lo32_1, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo16, 1)));
-      hi32_0 = _mm256_add_epi32(hi32_0, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi16)));
-      hi32_1 = _mm256_add_epi32(hi32_1, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi16, 1)));
-    }
-    for (int half = 0; half < 2; ++half) {
-      const int64_t h = 2 * t + half;
-      blk0 = _mm256_add_epi32(blk0, half ? hi32_0 : lo32_0);
-      blk1 = _mm256_add_epi32(blk1, half ? hi32_1 : lo32_1);
-      if (((h + 1) * kHalf) % c) continue;
-      const int64_t b = (h + 1) * kHalf / c - 1;  // block index
-      const int64_t row0 = b * c;
-      const int32_t rs = rsum[b];
-      if (kSigned) {  // acc = acc' - 8 * rs (exact)
-        const __m256i corr = _mm256_set1_epi32(8 * rs);
-        blk0 = _mm256_sub_epi32(blk0, corr);
-        blk1 = _mm256_sub_epi32(blk1, corr);
-      }
-      const __m256 sa = _mm256_set1_ps(as[row0 / ga]);
-      const float* sw = scales + (row0 / g) * n + n0;
-      __m256 t0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(blk0), sa), _mm256_loadu_ps(sw));
-      __m256 t1 =
-          _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(blk1), sa), _mm256_loadu_ps(sw + 8));
-      if (kMins) {
-        const float* mn = mins + (row0 / g) * n + n0;
-        const __m256 rsa = _mm256_set1_ps(static_cast<float>(rs) * as[row0 / ga]);
-        t0 = _mm256_add_ps(t0, _mm256_mul_ps(rsa, _mm256_loadu_ps(mn)));
-        t1 = _mm256_add_ps(t1, _mm256_mul_ps(rsa, _mm256_loadu_ps(mn + 8)));
-      }
-      o0 = _mm256_add_ps(o0, t0);
-      o1 = _mm256_add_ps(o1, t1);
-      blk0 = blk1 = _mm256_setzero_si256();
-    }
-  }
-  _mm256_storeu_ps(out + n0, o0);
-  _mm256_storeu_ps(out + n0 + 8, o1);
+namespace avx2 {
+#define QSPEC_DPBUSD(acc, u, s) DpBusdAvx2(acc, u, s)
+#include "w4ax_body.inc"
+#undef QSPEC_DPBUSD
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+#define QSPEC_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#include "w4ax_body.inc"
+#undef QSPEC_DPBUSD
+}  // namespace vnni
+#pragma GCC pop_options
+
+bool CpuHasVnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
 }
 
+// isa: 0 = the best this CPU has (AVX-512 VNNI, else AVX2), 1 = AVX2 (tests compare the two).
 template <bool kSigned, bool kMins>
-void W4AX(ffi::ThreadPool& pool, const int8_t* a, const float* as, const uint8_t* packed,
-          const float* scales, const float* mins, float* out, int64_t m, int64_t k, int64_t n,
-          int64_t g, int64_t ga) {
-  int64_t c = g, r = ga;  // c = gcd(G, Ga)
+void W4AXDispatch(ffi::ThreadPool& pool, const int8_t* a, const float* as,
+                  const uint8_t* packed, const float* scales, const float* mins, float* out,
+                  int64_t m, int64_t k, int64_t n, int64_t g, int64_t ga, int64_t isa) {
+  int64_t c = g, r = ga;  // c = gcd(G, Ga): the int32 blocks
   while (r) {
     const int64_t t = c % r;
     c = r;
     r = t;
   }
-  const int64_t blocks = k / c, nga = k / ga;
-  std::vector<int32_t> rsum(m * blocks);
+  const int64_t blocks = k / c;
+  std::vector<int32_t> rsum(m * blocks);  // sum of a over each block (mins, signed codes)
   for (int64_t i = 0; i < m; ++i)
     for (int64_t b = 0; b < blocks; ++b) {
       int32_t s = 0;
       for (int64_t j = 0; j < c; ++j) s += a[i * k + b * c + j];
       rsum[i * blocks + b] = s;
     }
-  constexpr int64_t kCols = 16;
-  const int64_t col_blocks = n / kCols;
-  ParallelFor(pool, col_blocks, 2, [&](int64_t b0, int64_t b1) {
-    for (int64_t cb = b0; cb < b1; ++cb)
-      for (int64_t i = 0; i < m; ++i)
-        W4AXRow<kSigned, kMins>(a + i * k, as + i * nga, ga, rsum.data() + i * blocks, packed,
-                                scales, mins, k, n, g, c, cb * kCols, out + i * n);
-  });
+  if (isa == 0 && CpuHasVnni())
+    vnni::W4AX<2, kSigned, kMins>(pool, a, as, packed, scales, mins, out, m, k, n, g, ga, c,
+                                  rsum.data());
+  else
+    avx2::W4AX<1, kSigned, kMins>(pool, a, as, packed, scales, mins, out, m, k, n, g, ga, c,
+                                  rsum.data());
+}
+
+// Activation quantization fused in front of the W4AX kernel (pallas_kernels.act_quant's
+// reference, exactly): per row and group of Ga values, amax = max |x|, scale = amax * ratio
+// (ratio = float32(r / qmax), one float32 product) or 1 where that is not > 0, and
+// code = clip(round_half_even(x / scale), -qmax - 1, qmax) with an IEEE float32 division.
+void QuantizeRows(const float* x, int64_t m, int64_t k, int64_t ga, float ratio, int32_t qmax,
+                  int8_t* codes, float* a_scales) {
+  const __m256 lo = _mm256_set1_ps(static_cast<float>(-qmax - 1));
+  const __m256 hi = _mm256_set1_ps(static_cast<float>(qmax));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k / ga; ++j) {
+      const float* xg = x + i * k + j * ga;
+      __m256 vmax = _mm256_setzero_ps();
+      for (int64_t e = 0; e < ga; e += 8)
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + e)));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, vmax);
+      float amax = 0.0f;
+      for (float v : lanes) amax = std::max(amax, v);
+      float scale = amax * ratio;
+      if (!(scale > 0.0f)) scale = 1.0f;
+      a_scales[i * (k / ga) + j] = scale;
+      const __m256 vs = _mm256_set1_ps(scale);
+      int8_t* cg = codes + i * k + j * ga;
+      for (int64_t e = 0; e < ga; e += 8) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + e), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+        alignas(32) int32_t v[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(v), _mm256_cvtps_epi32(q));
+        for (int t = 0; t < 8; ++t) cg[e + t] = static_cast<int8_t>(v[t]);
+      }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,7 +274,7 @@ ffi::Error W4A16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 
 ffi::Error W4AXImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32> a_scales,
                     ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> scales,
-                    ffi::Buffer<ffi::F32> mins, int64_t has_mins,
+                    ffi::Buffer<ffi::F32> mins, int64_t has_mins, int64_t isa,
                     ffi::ResultBuffer<ffi::F32> out) {
   const auto ad = a.dimensions(), sd = a_scales.dimensions();
   if (ad.size() != 2 || sd.size() != 2 || sd[0] != ad[0] || sd[1] < 1 || ad[1] % sd[1])
@@ -303,16 +283,45 @@ ffi::Error W4AXImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ff
   if (ga % kHalf) return ffi::Error::InvalidArgument("w4ax cpu kernel: Ga not a multiple of 32");
   int64_t g;
   if (auto e = CheckWeights(k, n, packed.dimensions(), scales.dimensions(), has_mins,
-                            mins.dimensions(), 16, &g);
+                            mins.dimensions(), 32, &g);
       e.failure())
     return e;
   const float* mn = has_mins ? mins.typed_data() : nullptr;
   if (has_mins)
-    W4AX<false, true>(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(),
-                      scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga);
+    W4AXDispatch<false, true>(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(),
+                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
   else
-    W4AX<true, false>(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(),
-                      scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga);
+    W4AXDispatch<true, false>(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(),
+                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
+  return ffi::Error::Success();
+}
+
+ffi::Error W4AXF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> scales,
+                       ffi::Buffer<ffi::F32> mins, int64_t has_mins, int64_t group_size,
+                       int64_t qmax, float ratio, int64_t isa, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("w4ax cpu kernel: x must be [M, K]");
+  const int64_t m = xd[0], k = xd[1], n = packed.dimensions()[1];
+  const int64_t ga = group_size ? group_size : k;
+  if (ga % kHalf || k % ga || (qmax != 7 && qmax != 127))
+    return ffi::Error::InvalidArgument("w4ax cpu kernel: Ga must be a multiple of 32 dividing K");
+  int64_t g;
+  if (auto e = CheckWeights(k, n, packed.dimensions(), scales.dimensions(), has_mins,
+                            mins.dimensions(), 32, &g);
+      e.failure())
+    return e;
+  std::vector<int8_t> codes(m * k);
+  std::vector<float> a_scales(m * (k / ga));
+  QuantizeRows(x.typed_data(), m, k, ga, ratio, static_cast<int32_t>(qmax), codes.data(),
+               a_scales.data());
+  const float* mn = has_mins ? mins.typed_data() : nullptr;
+  if (has_mins)
+    W4AXDispatch<false, true>(pool, codes.data(), a_scales.data(), packed.typed_data(),
+                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
+  else
+    W4AXDispatch<true, false>(pool, codes.data(), a_scales.data(), packed.typed_data(),
+                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
   return ffi::Error::Success();
 }
 
@@ -337,4 +346,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecW4AXInt4, W4AXImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("has_mins")
+                                  .Attr<int64_t>("isa")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecW4AXF32Int4, W4AXF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("has_mins")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("qmax")
+                                  .Attr<float>("ratio")
+                                  .Attr<int64_t>("isa")
                                   .Ret<ffi::Buffer<ffi::F32>>());

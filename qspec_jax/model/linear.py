@@ -51,15 +51,16 @@ def linear(
     if precision == "w4a16":
         y = dispatch.w4a16_matmul(x2, w.packed, w.scales, w.mins, impl=impl)
     elif precision in ACT_BITS:
-        codes, a_scales = dispatch.quantize_activations(
+        y = dispatch.quantize_w4ax_matmul(
             x2,
+            w.packed,
+            w.scales,
+            w.mins,
             bits=ACT_BITS[precision],
             group_size=qcfg.act_group_size,
             clip_ratio=qcfg.act_clip_ratio,
+            out_dtype=x.dtype,
             impl=impl,
-        )
-        y = dispatch.w4ax_matmul(
-            codes, a_scales, w.packed, w.scales, w.mins, out_dtype=x.dtype, impl=impl
         )
     elif precision == "fp":
         raise NotImplementedError(

@@ -137,3 +137,77 @@ def test_identical_calls_give_identical_results(kernel):
     first = np.asarray(call())
     for _ in range(40):
         np.testing.assert_array_equal(np.asarray(call()), first)
+
+
+_W4AX_ISA_CASES = [  # (m, k, n, g, ga, bits, asym): every MB tail, both code kinds, c = 96
+    (1, 576, 960, 32, 32, 8, True),
+    (3, 1536, 576, 64, 32, 4, False),
+    (8, 576, 3072, 32, 0, 8, True),
+    (5, 576, 1536, 96, 192, 4, True),
+    (2, 1536, 576, 0, 128, 8, False),
+]
+
+
+@pytest.mark.skipif(not cpu_kernels.has_vnni(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("m,k,n,g,ga,bits,asym", _W4AX_ISA_CASES)
+def test_w4ax_vnni_equals_avx2(m, k, n, g, ga, bits, asym):
+    """The two builds of the W4AX body sum the same exact int32 blocks and run the same float
+    epilogue, so they agree bit for bit (the AVX2 one is what a CPU without VNNI runs)."""
+    a, sa = random_activation_codes(jax.random.key(m + k), m, k, bits, ga)
+    packed, scales, mins = random_weight(jax.random.key(n + g), k, n, g, asym)
+    auto = jax.jit(lambda *x: cpu_kernels.w4ax_matmul_cpu(*x, isa="auto"))
+    avx2 = jax.jit(lambda *x: cpu_kernels.w4ax_matmul_cpu(*x, isa="avx2"))
+    np.testing.assert_array_equal(
+        np.asarray(auto(a, sa, packed, scales, mins)), np.asarray(avx2(a, sa, packed, scales, mins))
+    )
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+@pytest.mark.parametrize(
+    "m,k,n,g,ga,bits,clip,asym",
+    [
+        (1, 576, 960, 32, 32, 8, 1.0, True),
+        (3, 1536, 576, 64, 32, 4, 0.9, False),
+        (4, 576, 3072, 32, 0, 4, 1.0, True),
+        (5, 576, 1536, 96, 192, 8, 0.85, True),
+    ],
+)
+def test_fused_quantize_matmul_equals_the_two_steps(isa, m, k, n, g, ga, bits, clip, asym):
+    """quantize_w4ax_matmul_cpu == XLA's activation quantization then the W4AX kernel, bit for
+    bit: the same scales (one float32 product), the same IEEE division and round-half-even, so
+    the same codes, then the same kernel body. Rows with large magnitudes exercise the clip, an
+    all-zero group the scale-1 branch."""
+    from pallas_kernels import act_quant
+
+    x = jax.random.normal(jax.random.key(m), (m, k)) * jnp.exp(
+        2 * jax.random.normal(jax.random.key(m + 1), (m, 1))
+    )  # [M, K]
+    x = x.at[0, : (ga or k)].set(0.0)
+    packed, scales, mins = random_weight(jax.random.key(k + n), k, n, g, asym)
+    fused = jax.jit(
+        lambda x, p, s, mn: cpu_kernels.quantize_w4ax_matmul_cpu(
+            x, p, s, mn, bits=bits, group_size=ga, clip_ratio=clip, isa=isa
+        )
+    )(x, packed, scales, mins)
+    codes, sa = act_quant.quantize_activations_xla(x, bits=bits, group_size=ga, clip_ratio=clip)
+    two = _w4ax(codes, sa, packed, scales, mins)
+    np.testing.assert_array_equal(np.asarray(fused), np.asarray(two))
+
+
+def test_fused_quantize_matmul_dispatch_and_fallback():
+    """Auto on CPU runs the fused kernel (one custom call, no XLA quantization); a width the
+    kernel cannot take (N = 48, not a multiple of 32) raises under impl="cpu" and falls back to
+    XLA's quantization and matmul under auto."""
+    x = jax.random.normal(jax.random.key(6), (2, 576))
+
+    def call(n, impl=None):
+        packed, scales, mins = random_weight(jax.random.key(5), 576, n, 32, True)
+        return lambda x: dispatch.quantize_w4ax_matmul(
+            x, packed, scales, mins, bits=8, group_size=32, impl=impl
+        )
+
+    text = jax.jit(call(960)).lower(x).as_text()
+    assert text.count("qspec_w4ax_f32_int4") == 1 and "qspec_w4ax_int4" not in text
+    with pytest.raises(NotImplementedError, match="multiple of 32"):
+        call(48, "cpu")(x)
+    np.testing.assert_array_equal(np.asarray(call(48)(x)), np.asarray(call(48, "xla")(x)))
