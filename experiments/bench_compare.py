@@ -14,7 +14,9 @@ Decoding SmolLM2-135M-Instruct on CPU, greedy, EOS ignored, batch 1 and 8:
 
 Time per step = (wall(--long) - wall(--short)) / (long - short), each wall the median of --reps
 calls, so prefill and compilation drop out; the runners alternate within each of --rounds
-rounds and the median round is reported. Decode tokens/s = batch / time per step. Prompts are
+rounds and the median round is reported. Decode tokens/s = batch / time per step. The ratios
+("vs llama.cpp", "vs w4a16") are medians of per-round ratios, so a drift of the shared machine
+between rounds cancels. Prompts are
 the engine's chat-template token ids, fed as ids to every runner.
 
 llama.cpp's CPU Q4_1 matmul quantizes the activations to 8 bits in blocks of 32 (its Q8_1
@@ -58,7 +60,9 @@ class LlamaCppRunner:
 
     def __init__(self, path: str, n_seq: int, ctx_per_seq: int, threads: int):
         import llama_cpp as L
+        import llama_cpp._logger as llama_logger
 
+        llama_logger.set_verbose(False)  # llama.cpp's load / graph messages: errors only
         self.L = L
         L.llama_backend_init()
         self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
@@ -245,6 +249,7 @@ def main() -> int:
                     walls[n] = statistics.median(ts)
                 per_round[name].append((walls[n_long] - walls[n_short]) / (n_long - n_short))
         ref = tokens.get("w4a16")
+        base_runs = per_round.get("w4a16")
         for name in runners:
             ms = statistics.median(per_round[name]) * 1e3
             row = dict(
@@ -254,6 +259,10 @@ def main() -> int:
                 decode_tokens_per_s=b * 1e3 / ms,
                 rounds_ms=[s * 1e3 for s in per_round[name]],
             )
+            if base_runs is not None:  # per-round ratios: robust to a drifting machine
+                row["speed_vs_w4a16"] = statistics.median(
+                    w / r for w, r in zip(base_runs, per_round[name])
+                )
             for m in ("w4a16", "w4a8"):
                 if m in tokens and name != m:
                     row[f"prefix_vs_{m}"] = statistics.mean(
@@ -284,21 +293,26 @@ def main() -> int:
     write_json_atomic(args.out, dict(meta=meta, rows=rows))
     print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
     print(
-        "| batch | runner | ms / step | decode tokens/s | vs llama.cpp | prefix = w4a16 | "
-        "prefix = w4a8 | QSpec == W4A16 |"
+        "| batch | runner | ms / step | decode tokens/s | vs llama.cpp | vs w4a16 | "
+        "prefix = w4a16 | prefix = w4a8 | QSpec == W4A16 |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         base = next(
             (x for x in rows if x["batch"] == r["batch"] and x["runner"] == "llama.cpp Q4_1"), None
         )
-        vs = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else ""
+        vs = (
+            f"{statistics.median(x / y for x, y in zip(base['rounds_ms'], r['rounds_ms'])):.2f}x"
+            if base
+            else ""
+        )
+        v16 = f"{r['speed_vs_w4a16']:.2f}x" if "speed_vs_w4a16" in r else ""
         p16 = f"{r['prefix_vs_w4a16']:.1f}" if "prefix_vs_w4a16" in r else ""
         p8 = f"{r['prefix_vs_w4a8']:.1f}" if "prefix_vs_w4a8" in r else ""
         eq = {True: "yes", False: "NO"}.get(r.get("equals_w4a16"), "")
         print(
             f"| {r['batch']} | {r['runner']} | {r['ms_per_step']:.1f} | "
-            f"{r['decode_tokens_per_s']:.1f} | {vs} | {p16} | {p8} | {eq} |"
+            f"{r['decode_tokens_per_s']:.1f} | {vs} | {v16} | {p16} | {p8} | {eq} |"
         )
     print(f"\nwrote {args.out} ({meta['seconds']:.0f} s)")
     return 0
