@@ -177,6 +177,7 @@ def main() -> int:
     import jax
 
     import qspec_jax
+    from pallas_kernels import dispatch
     from qspec_jax.config import preset
 
     fp = qspec_jax.load("smollm2-135m")
@@ -254,7 +255,8 @@ def main() -> int:
     meta = dict(
         command="python " + " ".join(sys.argv),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU (XLA reference kernels)",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+        kernels=dispatch.default_impl(),  # "cpu": the int4 CPU kernels; "xla": XLA's path
         quant=str(eng.qconfig),
         draft=args.draft,
         new_tokens=n,
