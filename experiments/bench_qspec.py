@@ -270,7 +270,7 @@ def main() -> int:
     with open(tmp, "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=2)
     os.replace(tmp, args.out)
-    _plots(results, os.path.dirname(args.out))
+    _plots(results, os.path.splitext(args.out)[0] + ".png")  # beside the JSON, same stem
     _table(meta, results)
     return 0
 
@@ -295,7 +295,7 @@ def _table(meta, results):
             )
 
 
-def _plots(results, outdir):
+def _plots(results, png):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,7 +332,7 @@ def _plots(results, outdir):
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(outdir, "bench_qspec.png"), dpi=110)
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
