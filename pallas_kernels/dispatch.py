@@ -241,20 +241,22 @@ def quantize_w4ax_matmul(
       [..., N] array of out_dtype.
     """
     x2, lead = _rows(x)  # [M, K]
-    if (default_impl() if impl is None else impl) == "cpu":
-        try:
-            out = _cpu_fn("quantize_w4ax_matmul_cpu")(
-                x2, packed, scales, mins, bits=bits, group_size=group_size,
-                clip_ratio=clip_ratio, out_dtype=out_dtype,
-            )  # fmt: skip
-            return out.reshape(*lead, out.shape[-1])
-        except NotImplementedError:
-            if impl is not None:
-                raise
-    codes, a_scales = quantize_activations(
-        x2, bits=bits, group_size=group_size, clip_ratio=clip_ratio, impl=impl
-    )
-    out = w4ax_matmul(codes, a_scales, packed, scales, mins, out_dtype=out_dtype, impl=impl)
+
+    def two_steps(x2, packed, scales, mins, interpret=None, **quant):
+        # XLA's path (no interpret argument) or the Pallas kernels: quantize, then the matmul
+        use = "xla" if interpret is None else ("pallas_interpret" if interpret else "pallas")
+        codes, a_scales = quantize_activations(x2, **quant, impl=use)
+        return w4ax_matmul(codes, a_scales, packed, scales, mins, out_dtype=out_dtype, impl=use)
+
+    def fused(x2, packed, scales, mins, **quant):
+        return _cpu_fn("quantize_w4ax_matmul_cpu")(
+            x2, packed, scales, mins, **quant, out_dtype=out_dtype
+        )
+
+    out = _dispatch(
+        impl, two_steps, two_steps, x2, packed, scales, mins, cpu_fn=fused,
+        bits=bits, group_size=group_size, clip_ratio=clip_ratio,
+    )  # fmt: skip
     return out.reshape(*lead, out.shape[-1])
 
 

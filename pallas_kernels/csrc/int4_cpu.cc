@@ -174,6 +174,21 @@ bool CpuHasVnni() {
 }
 
 // isa: 0 = the best this CPU has (AVX-512 VNNI, else AVX2), 1 = AVX2 (tests compare the two).
+// mins == nullptr: signed codes without mins; otherwise unsigned codes with mins.
+template <bool kSigned, bool kMins>
+void W4AXDispatch(ffi::ThreadPool& pool, const int8_t* a, const float* as,
+                  const uint8_t* packed, const float* scales, const float* mins, float* out,
+                  int64_t m, int64_t k, int64_t n, int64_t g, int64_t ga, int64_t isa);
+
+void W4AXRun(ffi::ThreadPool& pool, const int8_t* a, const float* as, const uint8_t* packed,
+             const float* scales, const float* mins, float* out, int64_t m, int64_t k, int64_t n,
+             int64_t g, int64_t ga, int64_t isa) {
+  if (mins)
+    W4AXDispatch<false, true>(pool, a, as, packed, scales, mins, out, m, k, n, g, ga, isa);
+  else
+    W4AXDispatch<true, false>(pool, a, as, packed, scales, mins, out, m, k, n, g, ga, isa);
+}
+
 template <bool kSigned, bool kMins>
 void W4AXDispatch(ffi::ThreadPool& pool, const int8_t* a, const float* as,
                   const uint8_t* packed, const float* scales, const float* mins, float* out,
@@ -286,13 +301,8 @@ ffi::Error W4AXImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ff
                             mins.dimensions(), 32, &g);
       e.failure())
     return e;
-  const float* mn = has_mins ? mins.typed_data() : nullptr;
-  if (has_mins)
-    W4AXDispatch<false, true>(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(),
-                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
-  else
-    W4AXDispatch<true, false>(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(),
-                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
+  W4AXRun(pool, a.typed_data(), a_scales.typed_data(), packed.typed_data(), scales.typed_data(),
+          has_mins ? mins.typed_data() : nullptr, out->typed_data(), m, k, n, g, ga, isa);
   return ffi::Error::Success();
 }
 
@@ -315,13 +325,8 @@ ffi::Error W4AXF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<float> a_scales(m * (k / ga));
   QuantizeRows(x.typed_data(), m, k, ga, ratio, static_cast<int32_t>(qmax), codes.data(),
                a_scales.data());
-  const float* mn = has_mins ? mins.typed_data() : nullptr;
-  if (has_mins)
-    W4AXDispatch<false, true>(pool, codes.data(), a_scales.data(), packed.typed_data(),
-                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
-  else
-    W4AXDispatch<true, false>(pool, codes.data(), a_scales.data(), packed.typed_data(),
-                              scales.typed_data(), mn, out->typed_data(), m, k, n, g, ga, isa);
+  W4AXRun(pool, codes.data(), a_scales.data(), packed.typed_data(), scales.typed_data(),
+          has_mins ? mins.typed_data() : nullptr, out->typed_data(), m, k, n, g, ga, isa);
   return ffi::Error::Success();
 }
 
