@@ -115,13 +115,14 @@ def _prefill_state(engine, ids, kv, dc_plan, residual):
 
 
 def _mode_state(state, dc):
-    """The prefilled state adapted to a mode's DecodeConfig (output buffer, gamma, limit)."""
+    """The prefilled state adapted to a mode's DecodeConfig (output buffer, counters, limit)."""
     import jax.numpy as jnp
 
-    out = jnp.zeros((state.out_tokens.shape[0], dc.out_len), jnp.int32)
+    b = state.out_tokens.shape[0]
+    out = jnp.zeros((b, dc.out_len), jnp.int32)
     return state.replace(
         out_tokens=out.at[:, 0].set(state.out_tokens[:, 0]),
-        gamma_cur=jnp.asarray(max(dc.gamma, 1), jnp.int32),
+        carry=dc.method.init_carry(b),
         max_new=jnp.asarray(dc.max_new_tokens, jnp.int32),
     )
 
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
                 runs += [(f"{m} g{g}", "qspec", m.split("-")[1], g) for g in qgammas]
 
         def dconf(mode, g):
-            dc = engine._decode_config(mode, args.new_tokens, 0.0, 0, 1.0, g or 1, args.draft)
+            opts = dict(gamma=g or 1, **({"draft": args.draft} if mode == "qspec" else {}))
+            dc = engine.decode_config(engine.method(mode, **opts), args.new_tokens)
             return dataclasses.replace(dc, eos_ids=())
 
         dcs = {name: dconf(mode, g) for name, mode, _, g in runs}

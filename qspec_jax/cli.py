@@ -1,8 +1,8 @@
 """The `qspec-jax` command line.
 
 Subcommands:
-    generate   generate text from prompts in any mode (fp, w4a16, w4a4, w4a8, qspec, quantspec,
-               hspec)
+    generate   generate text from prompts with any decoding method (--mode: fp, w4a16, w4a4,
+               w4a8, qspec, quantspec, hspec)
     demo       QSpec next to W4A16 autoregressive on the embedded model (what `make run` runs)
     quantize   quantize once and write an orbax checkpoint under checkpoints/
     eval       score modes on math word problems, HumanEval pass@1 or held-out perplexity
@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from qspec_jax.cache.protocol import KV_FORMATS
-from qspec_jax.decoding.loop import DRAFT_PRECISIONS, MODES, SPEC_MODES
+from qspec_jax.config import DRAFT_PRECISIONS
+from qspec_jax.decoding import methods
 
 EXIT_USAGE = 2
 
@@ -131,6 +133,34 @@ def _default_quant(mode: str, quant: str | None, model: str = "smollm2-135m") ->
     return "gguf" if model == "smollm2-135m" or str(model).endswith(".gguf") else "quarot-rtn"
 
 
+# API words in a method's message -> the CLI's flags
+_FLAG_WORDS = ((r"kv_cache='(\w+)'", r"--kv-cache \1"), (r"\bkv_residual\b", "--kv-residual"))
+
+
+def _cli_words(message: str) -> str:
+    for pattern, repl in _FLAG_WORDS:
+        message = re.sub(pattern, repl, message)
+    return message
+
+
+def _method(args):
+    """The decoding method of --mode with the flags it takes (tree, levels, gamma, draft)."""
+    cls = methods.method_class(args.mode)
+    opts = {
+        k: getattr(args, k)
+        for k in cls.option_names()
+        if getattr(args, k, None) is not None  # unset flags: the method's own default
+    }
+    try:
+        method = methods.from_mode(args.mode, **opts)
+        method.check_cache(args.kv_cache or method.default_kv_cache, args.kv_residual)
+    except ValueError as e:
+        given = [f"--{k}" for k in opts if k in ("tree", "levels")]
+        prefix = f"{'/'.join(given)}: " if given and "kv" not in str(e) else ""
+        raise CliError(prefix + _cli_words(str(e))) from None
+    return method
+
+
 def cmd_generate(args) -> int:
     from qspec_jax.engine import load  # noqa: PLC0415
 
@@ -143,19 +173,9 @@ def cmd_generate(args) -> int:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.kv_residual < 1:
         raise CliError(f"--kv-residual must be >= 1, got {args.kv_residual}")
-    if args.mode == "quantspec" and args.kv_cache == "float":
-        raise CliError("--mode quantspec drafts from the int4 halves of the hierarchical cache: "
-                       "use --kv-cache hier (or --mode qspec with a float cache)")
     if args.kv_cache == "hier" and args.devices is not None:
         raise CliError("--kv-cache hier is not sharded yet: drop --devices")
-    if args.mode == "hspec":  # checked before the model is loaded
-        from qspec_jax.decoding import hspec  # noqa: PLC0415
-
-        try:
-            hspec.check_tree(args.tree)
-            hspec.check_levels(args.levels)
-        except ValueError as e:
-            raise CliError(f"--tree/--levels: {e}") from None
+    method = _method(args)  # checked before the model is loaded
     engine = load(
         args.model,
         quant=_default_quant(args.mode, args.quant, args.model),
@@ -164,23 +184,20 @@ def cmd_generate(args) -> int:
         mesh=_mesh(args),
         quant_cache=not args.no_quant_cache,
     )
-    engine.check_mode(args.mode)
-    res = engine.generate(
-        prompts,
-        mode=args.mode,
+    kw = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
         chat=not args.no_chat,
-        gamma=args.gamma,
-        draft=args.draft,
-        tree=args.tree,
-        levels=args.levels,
+        stop=args.stop,
         kv_cache=args.kv_cache,
         kv_residual=args.kv_residual,
     )
+    if args.stream:
+        return _stream(engine, prompts, method, kw)
+    res = engine.generate(prompts, method, **kw)
     if args.json:
         print(json.dumps(res.to_json()))
     else:
@@ -189,15 +206,27 @@ def cmd_generate(args) -> int:
             print(text)
         s = res.stats
         line = f"--- {s['tokens_generated']} tokens in {s['wall_s']:.2f}s = {s['tokens_per_s']:.1f} tokens/s ({args.mode})"
-        if args.mode in SPEC_MODES:
-            line += (f"{', draft ' + s['draft'] if 'draft' in s else ''}, acceptance {s['acceptance_rate']:.2f}, "
-                     f"{s['mean_tokens_per_step']:.2f} tokens/step")
-        if args.mode == "hspec":
+        if "acceptance_rate" in s:
+            line += f"{', draft ' + s['draft'] if 'draft' in s else ''}, acceptance {s['acceptance_rate']:.2f}"
+        if "tree_nodes" in s:
             line += (f", tree {args.tree} ({s['tree_nodes']} nodes), levels {','.join(s['levels'])}, "
-                     f"{s['tree_accepted_per_step']:.2f} tree tokens kept/step, "
-                     f"{s['mean_tokens_per_step']:.2f} tokens/step")
+                     f"{s['tree_accepted_per_step']:.2f} tree tokens kept/step")
+        if "mean_tokens_per_step" in s:
+            line += f", {s['mean_tokens_per_step']:.2f} tokens/step"
         line += f", {s['kv_cache']} KV {s['kv_bytes_per_token'] / 1024:.1f} KiB/token"
         print(line)
+    return 0
+
+
+def _stream(engine, prompts, method, kw) -> int:
+    """Prints each prompt's text as it is generated (prefixed by [i] with several prompts)."""
+    many = len(prompts) > 1
+    for ev in engine.stream(prompts, method, **kw):
+        if ev.text:
+            sys.stdout.write(f"[{ev.index}] {ev.text}\n" if many else ev.text)
+            sys.stdout.flush()
+        if ev.finish_reason:
+            sys.stdout.write(f"{'' if many else chr(10)}--- [{ev.index}] {ev.finish_reason}\n")
     return 0
 
 
@@ -304,10 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts-file", help='a .jsonl file of {"prompt": ...} objects')
-    g.add_argument("--mode", default="fp", choices=MODES)
+    g.add_argument("--mode", default="fp", choices=methods.mode_names(),
+                   help="decoding method: " + "; ".join(
+                       f"{c.name}: {c.summary}" for c in methods.REGISTRY.values()))
     g.add_argument("--gamma", type=int, default=3, help="draft length (qspec, quantspec)")
-    g.add_argument("--draft", default="w4a8", choices=DRAFT_PRECISIONS,
-                   help="QSpec draft precision over the same int4 weights")
+    g.add_argument("--draft", default=None, choices=DRAFT_PRECISIONS,
+                   help="draft precision over the same int4 weights (qspec default: w4a8)")
     g.add_argument("--tree", default="4,2,1",
                    help="hspec draft tree: children per node at each depth, e.g. 4,2,1")
     g.add_argument("--levels", default="w4a4,w4a8,w4a16",
@@ -323,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--stop", action="append", default=None,
+                   help="a stop string (repeatable): generation ends before it")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 

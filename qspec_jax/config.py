@@ -11,12 +11,68 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-# Activation precision of a forward pass. "fp": float weights (unquantized model).
-# "w4a16": int4 weights dequantized, float activations (the verifier).
-# "w4a4" / "w4a8": int4 weights, activations quantized per token to int4 / int8 (drafters).
 Precision = Literal["fp", "w4a16", "w4a4", "w4a8"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSpec:
+    """One activation precision of a forward pass: what its linears read and compute.
+
+    Attributes:
+        name: the precision's name, also the autoregressive mode of that name.
+        weights: "float" (the unquantized model's weights) or "int4" (the packed int4 copy).
+        act_bits: activation bits the linears compute with (16: float activations).
+        cost_rank: cheaper first: the order a draft hierarchy must follow (SpecMQuant's levels).
+        draft: may draft for a higher precision over the same weights (QSpec's drafters).
+        verifies: may verify drafts exactly (its greedy output is what speculation reproduces).
+        summary: one line for tables and help texts.
+    """
+
+    name: str
+    weights: str
+    act_bits: int
+    cost_rank: int
+    draft: bool
+    verifies: bool
+    summary: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights == "int4"
+
+
+# The one table of activation precisions; every other list of precision names derives from it.
+PRECISION_TABLE: dict[str, PrecisionSpec] = {
+    p.name: p
+    for p in (
+        PrecisionSpec("fp", "float", 16, 3, False, False, "float weights and activations"),
+        PrecisionSpec(
+            "w4a16", "int4", 16, 2, False, True, "int4 weights dequantized, float activations"
+        ),
+        PrecisionSpec("w4a8", "int4", 8, 1, True, False, "int4 weights, int8 activations"),
+        PrecisionSpec("w4a4", "int4", 4, 0, True, False, "int4 weights, int4 activations"),
+    )
+}
 PRECISIONS: tuple[str, ...] = ("fp", "w4a16", "w4a4", "w4a8")
-QUANTIZED_PRECISIONS: tuple[str, ...] = ("w4a16", "w4a4", "w4a8")
+assert set(PRECISIONS) == set(PRECISION_TABLE)
+QUANTIZED_PRECISIONS: tuple[str, ...] = tuple(p for p in PRECISIONS if PRECISION_TABLE[p].quantized)
+# QSpec's drafters read the same int4 weights with int4 or int8 activations (W4A8 runs on int8
+# units every target has; Hopper has no int4 MMA).
+DRAFT_PRECISIONS: tuple[str, ...] = tuple(p for p in PRECISIONS if PRECISION_TABLE[p].draft)
+# A SpecMQuant hierarchy's levels, cheapest first; the last level is the output precision.
+LEVEL_PRECISIONS: tuple[str, ...] = tuple(
+    sorted(
+        (p for p in QUANTIZED_PRECISIONS),
+        key=lambda p: PRECISION_TABLE[p].cost_rank,
+    )
+)
+
+
+def check_precision(name: str, what: str = "precision", allowed=PRECISIONS) -> str:
+    """Returns `name` if it is one of `allowed`, else raises ValueError naming the choices."""
+    if name not in allowed:
+        raise ValueError(f"unknown {what} {name!r}: choose one of {', '.join(allowed)}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,12 +10,14 @@ programs across processes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import gc
 import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -24,26 +26,24 @@ import numpy as np
 
 from qspec_jax import disk_cache
 from qspec_jax.cache.kv_cache import KVCache
-from qspec_jax.cache.protocol import KV_FORMATS, make_cache
-from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
-from qspec_jax.decoding.loop import (
-    DRAFT_PRECISIONS,
-    FINISH_NAMES,
-    MAX_GAMMA,
-    MODES,
-    SPEC_MODES,
-    DecodeConfig,
-    generate,
-)
+from qspec_jax.cache.protocol import make_cache
+from qspec_jax.config import PRECISIONS, PRESETS, LlamaConfig, QuantConfig
+from qspec_jax.decoding import loop
+from qspec_jax.decoding.config import DecodeConfig
+from qspec_jax.decoding.loop import generate
+from qspec_jax.decoding.methods import DecodingMethod, MethodError, mode_names, resolve
 from qspec_jax.decoding.sampling import SamplingConfig
+from qspec_jax.decoding.state import FINISH_NAMES, STOP
 from qspec_jax.model.llama import forward
 from qspec_jax.model.params import (
     Params,
+    TwoWeights,
     attach_q8_head,
     init_params,
-    is_quantized,
+    map_weight_sets,
     unstack_layers,
     weight_bytes,
+    weight_kinds,
 )
 
 QUANT_METHODS = ("none", "gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
@@ -63,20 +63,229 @@ class GenerationResult:
         tokens: generated token ids per prompt (EOS included when it ended the sequence).
         finish_reasons: "stop" (EOS) or "length" (max_new_tokens or cache capacity) per prompt.
         stats: tokens generated, wall seconds (compile excluded), tokens per second, compile
-            seconds and where the program came from (see `Engine.generate`), and for QSpec the
-            draft statistics.
+            seconds and where the program came from (see `Engine.generate`), and the decoding
+            method's own statistics (`DecodingMethod.stats`: acceptance for QSpec, ...).
+        logprobs: with `logprobs=k`, per prompt one dict per generated token:
+            {"token_id", "logprob", "top": [[id, logprob], ...k]} under the verifier's
+            distribution; else None.
     """
 
     texts: list[str]
     tokens: list[list[int]]
     finish_reasons: list[str]
     stats: dict[str, Any]
+    logprobs: list[list[dict[str, Any]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass
+class StreamEvent:
+    """One piece of a streamed generation (`Engine.stream`).
+
+    Attributes:
+        index: which prompt.
+        token_ids: the tokens generated since this prompt's previous event.
+        text: the text they add (held back while it could still be part of a stop string or
+            an incomplete character; concatenated deltas equal the final text).
+        finish_reason: None, or "stop" / "length" on the prompt's last event.
+        logprobs: per new token (when requested): {"token_id", "logprob", "top": [[id, lp]]}.
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    method: DecodingMethod
+    dc: DecodeConfig
+    kv_cache: str
+    token_lists: list[list[int]]
+    n: int
+    toks: Any
+    lens: Any
+    cache: Any
+    key: Any
+    limits: Any
+    stop_ids: Any
+    stops: list[list[str]]
+
+
+@dataclasses.dataclass
+class _HostState:
+    """The final state's arrays on the host."""
+
+    out_tokens: np.ndarray
+    num_generated: np.ndarray
+    finish: np.ndarray
+    steps: np.ndarray
+    verify_steps: np.ndarray
+    carry: Any
+    lengths: np.ndarray
+    logprobs: Any
+    cache_like: Any
+
+    @classmethod
+    def fetch(cls, state) -> _HostState:
+        got = jax.device_get(
+            (
+                state.out_tokens,
+                state.num_generated,
+                state.finish,
+                state.steps,
+                state.verify_steps,
+                state.carry,
+                state.cache.lengths,
+                state.logprobs,
+            )
+        )
+        return cls(*got, cache_like=state.cache)
+
+
+class _TextTracker:
+    """One sequence's tokens and text as chunks arrive: stop strings and text deltas."""
+
+    def __init__(self, engine: Engine, stops: list[str]):
+        self.engine, self.stops = engine, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.text = ""  # the text so far (final once the sequence finished)
+        self.sent = 0  # characters of text already yielded
+        self.reason: str | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def update(self, tokens: list[int], final: bool) -> tuple[list[int], str, bool]:
+        """Takes the sequence's tokens so far; returns (new ids, text delta, stopped)."""
+        start = len(self.tokens)
+        text = self.engine.decode(tokens)
+        stopped = False
+        hit = [(text.find(s), s) for s in self.stops if s and s in text]
+        if hit:
+            pos = min(p for p, _ in hit)
+            # the first token whose text completes a stop string ends the sequence
+            for k in range(start + 1, len(tokens) + 1):
+                if any(s in self.engine.decode(tokens[:k]) for s in self.stops if s):
+                    tokens = tokens[:k]
+                    break
+            text, stopped = text[:pos], True
+        self.tokens, self.text = list(tokens), text
+        end = len(text)
+        if not (final or stopped):
+            end -= self.hold  # could be the start of a stop string
+            while end > self.sent and text[end - 1] == "\ufffd":  # an incomplete character
+                end -= 1
+        delta = text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return self.tokens[start:], delta, stopped
+
+
+def _per_prompt(value, n: int, what: str) -> list:
+    """One value per prompt from a scalar or a sequence of n values."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise UsageError(f"{what} has {len(value)} values for {n} prompts: give one or {n}")
+        return list(value)
+    return [value] * n
+
+
+def _stop_lists(stop, n: int) -> list[list[str]]:
+    """Stop strings per prompt from None, a string, a list of strings or a list of lists."""
+    if stop is None:
+        return [[] for _ in range(n)]
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    if stop and all(isinstance(s, (list, tuple)) for s in stop):
+        per = _per_prompt(stop, n, "stop")
+    elif all(isinstance(s, str) for s in stop):
+        per = [stop] * n
+    else:
+        raise UsageError("stop must be a string, a list of strings, or one list per prompt")
+    out = []
+    for i, lst in enumerate(per):
+        if not all(isinstance(s, str) and s for s in lst):
+            raise UsageError(f"stop strings for prompt {i} must be non-empty strings")
+        out.append(list(lst))
+    return out
+
+
+def _stop_id_lists(ids, n: int, vocab: int) -> list[list[int]]:
+    """Stop token ids per prompt from None, a list of ints or a list of lists."""
+    if ids is None:
+        return [[] for _ in range(n)]
+    ids = list(ids)
+    per = (
+        _per_prompt(ids, n, "stop_token_ids")
+        if ids and all(isinstance(x, (list, tuple)) for x in ids)
+        else [ids] * n
+    )
+    out = []
+    for i, lst in enumerate(per):
+        lst = list(lst)
+        bad = [t for t in lst if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise UsageError(
+                f"stop_token_ids for prompt {i} has {bad[0]!r}, not a token id in [0, {vocab})"
+            )
+        out.append([int(t) for t in lst])
+    return out
+
+
+def _row_of(carry, r: int):
+    """Row r of a host carry's per-sequence arrays (scalars dropped: they are the batch's)."""
+    return jax.tree.map(lambda x: x[r] if np.ndim(x) else None, carry)
+
+
+def _stack_rows(rows: list, final_carry):
+    """A carry of per-prompt values (one row per prompt, in order) from harvested rows; the
+    batch's scalar counters come from the final carry."""
+    if not rows:
+        return final_carry
+    leaves, treedef = jax.tree.flatten(final_carry)
+    per = [jax.tree.flatten(r, is_leaf=lambda x: x is None)[0] for r in rows]
+    out = []
+    for j, leaf in enumerate(leaves):
+        if np.ndim(leaf):
+            out.append(np.stack([p[j] for p in per]))
+        else:
+            out.append(leaf)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _token_logprobs(lp, row: int, start: int, token_ids: list[int]) -> list[dict[str, Any]]:
+    """Host logprob buffers -> one dict per generated token of `row` from index `start`."""
+    return [
+        {
+            "token_id": int(tok),
+            "logprob": float(lp.chosen[row, j]),
+            "top": [[int(t), float(v)] for t, v in zip(lp.top_ids[row, j], lp.top[row, j])],
+        }
+        for j, tok in enumerate(token_ids, start)
+    ]
+
+
 MIN_NEW_TOKENS_BUCKET = 16
+# Generation programs an Engine holds at once (`Engine.max_programs`), and the process's memory
+# mappings past which it drops all but the newest (Linux's vm.max_map_count is 65530 by default).
+DEFAULT_MAX_PROGRAMS = 32
+MAP_BUDGET = 30_000
+
+
+def memory_maps() -> int:
+    """The process's memory mappings (Linux /proc/self/maps lines; 0 elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as fh:
+            return fh.read().count(b"\n")
+    except OSError:  # not Linux: no such limit to guard
+        return 0
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -111,27 +320,35 @@ class Engine:
         unroll_layers: bool | None = None,
         mesh=None,
         compile_cache: bool = True,
+        prepared: bool = False,  # params already unstacked / given the int8 head / sharded
     ):
         # Before anything compiles: a second process loads the same programs from disk.
         self.compile_cache_dir = disk_cache.enable_compilation_cache() if compile_cache else None
         self.config = config
         if unroll_layers is None:  # per-layer arrays run ~2x faster on XLA:CPU (no slice copies)
             unroll_layers = jax.default_backend() == "cpu"
-        params = unstack_layers(params) if unroll_layers else params
+        if unroll_layers and not prepared:
+            params = map_weight_sets(unstack_layers, params)
         # The GGUF's Q8_0 head as int8 codes (same weights): the CPU head kernel reads 28 MB a
         # token instead of the float32 head's 113 MB (`qspec_jax.model.params.attach_q8_head`).
-        params = attach_q8_head(params)
+        if not prepared:
+            params = map_weight_sets(attach_q8_head, params)
         self.mesh = mesh
-        if mesh is not None:  # weights tensor-parallel over "model", batches over "data"
+        if mesh is not None and not prepared:  # tensor-parallel over "model", data over "data"
             from qspec_jax.sharding import shard_params  # noqa: PLC0415
 
-            params = shard_params(params, mesh)
+            params = map_weight_sets(lambda p: shard_params(p, mesh), params)
         self.params = params
+        # "float", "int4" or both (a float target with an int4 draft copy: `TwoWeights`)
+        self.weight_kinds = weight_kinds(params)
         self.qconfig = qconfig
         self.tokenizer = tokenizer
         self.source = source
         self.load_info: dict[str, Any] = {}
-        self._compiled: dict[tuple, Any] = {}  # (shapes, capacity, DecodeConfig) -> executable
+        # (shapes, capacity, DecodeConfig) -> executable, least recently used first; at most
+        # `max_programs` are held (see `_hold`)
+        self._compiled: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self.max_programs = DEFAULT_MAX_PROGRAMS
         # Kernel implementation for every matmul (`pallas_kernels.dispatch`): None = auto (Pallas
         # on GPU, the CPU kernels on CPU, else XLA); "xla" / "cpu" / ... to compare paths.
         self.impl: str | None = None
@@ -140,24 +357,34 @@ class Engine:
     # ------------------------------------------------------------------ properties
     @property
     def modes(self) -> tuple[str, ...]:
-        """The generation modes this engine's weights support."""
-        if is_quantized(self.params):
-            return ("w4a16", "w4a4", "w4a8", "qspec", "quantspec", "hspec")
-        return ("fp",)
+        """The mode shorthands this engine's weights support (registry order)."""
+        out = []
+        for mode in mode_names():
+            try:
+                resolve(mode).check_weights(self.weight_kinds)
+            except MethodError:
+                continue
+            out.append(mode)
+        return tuple(out)
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of every weight array held (both sets of a `TwoWeights`)."""
         return weight_bytes(self.params)
 
+    @property
+    def weight_bytes_by_set(self) -> dict[str, int]:
+        """{"target": float bytes, "draft": int4 bytes} with two weight sets, else {"weights"}."""
+        if isinstance(self.params, TwoWeights):
+            return {
+                "target": weight_bytes(self.params.target),
+                "draft": weight_bytes(self.params.draft),
+            }
+        return {"weights": weight_bytes(self.params)}
+
     def check_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if mode not in self.modes:
-            if mode == "fp":
-                why = "this model holds only int4 weights; load it without --quant for fp"
-            else:
-                why = "this model holds float weights; load it with --quant (e.g. quarot-rtn) first"
-            raise UsageError(f"mode {mode!r} is not available: {why}")
+        """UsageError (one sentence) unless these weights serve the mode shorthand."""
+        self.method(mode)
 
     # ------------------------------------------------------------------ tokens
     def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool = True) -> list[list[int]]:
@@ -190,80 +417,64 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generation
-    def _decode_config(
+    def method(self, method: DecodingMethod | str = "fp", **options) -> DecodingMethod:
+        """The decoding method for a request: an object, or a mode shorthand with its options.
+
+        Raises:
+            UsageError: an unknown mode, an option that does not apply, a bad setting, or a
+                method these weights cannot serve (one sentence each).
+        """
+        try:
+            m = resolve(method, **options)
+        except ValueError as e:  # MethodError, or a tree / levels string that does not parse
+            raise UsageError(str(e)) from None
+        try:  # the weights here; the cache format per request (`_check_kv_cache`)
+            m.check_weights(self.weight_kinds)
+        except MethodError as e:
+            raise UsageError(str(e)) from None
+        return m
+
+    def decode_config(
         self,
-        mode,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        gamma,
-        draft="w4a8",
-        tree=None,
-        levels=None,
+        method: DecodingMethod,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        ignore_eos: bool = False,
     ) -> DecodeConfig:
-        self.check_mode(mode)
-        if draft not in DRAFT_PRECISIONS:
-            raise UsageError(
-                f"unknown draft precision {draft!r}: choose one of {', '.join(DRAFT_PRECISIONS)}"
-            )
+        """The static `DecodeConfig` the engine compiles for a request (UsageError if bad)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if mode in SPEC_MODES and not (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA):
-            raise UsageError(f"gamma must be an integer in 1..{MAX_GAMMA}, got {gamma!r}")
         try:
             sc = SamplingConfig(
                 temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
-        hs = {}
-        if mode == "hspec":
-            from qspec_jax.decoding import hspec  # noqa: PLC0415
-
-            try:
-                hs = dict(tree=hspec.check_tree(tree), levels=hspec.check_levels(levels))
-            except ValueError as e:
-                raise UsageError(str(e)) from None
         return DecodeConfig(
-            mode=mode,
+            method,
             # the static buffer bound; the real limit is passed to the program as an array
             max_new_tokens=_bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET),
             sampling=sc,
-            eos_ids=tuple(self.config.eos_token_ids),
-            gamma=gamma if mode in SPEC_MODES else 0,
-            draft_precision=draft if mode == "qspec" else "w4a4",
+            eos_ids=() if ignore_eos else tuple(self.config.eos_token_ids),
             impl=self.impl,
-            **hs,
         )
 
-    def _check_kv_cache(self, mode: str, kv_cache, kv_residual, dc: DecodeConfig) -> str:
+    def _check_kv_cache(self, method: DecodingMethod, kv_cache, kv_residual) -> str:
         """The cache format for a request; UsageError (one sentence) for a bad combination."""
         if kv_cache is None:
-            kv_cache = "hier" if mode == "quantspec" else "float"
-        if kv_cache not in KV_FORMATS:
-            raise UsageError(
-                f"unknown kv_cache {kv_cache!r}: choose one of {', '.join(KV_FORMATS)}"
+            kv_cache = method.default_kv_cache
+        try:
+            method.check(
+                weights=self.weight_kinds, kv_cache=kv_cache, kv_residual=kv_residual
             )
-        if mode == "quantspec" and kv_cache != "hier":
-            raise UsageError(
-                "mode 'quantspec' drafts from the int4 halves of the hierarchical cache: "
-                "use kv_cache='hier' (or mode 'qspec' with a float cache)"
+        except MethodError as e:
+            raise UsageError(str(e)) from None
+        if kv_cache == "hier" and self.mesh is not None:
+            raise NotImplementedError(
+                "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)"
             )
-        if mode == "hspec" and kv_cache == "hier":
-            raise UsageError("mode 'hspec' verifies trees, which need kv_cache='float'")
-        if kv_cache == "hier":
-            if self.mesh is not None:
-                raise NotImplementedError(
-                    "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)"
-                )
-            if not isinstance(kv_residual, int) or kv_residual < 1:
-                raise UsageError(f"kv_residual must be a positive integer, got {kv_residual!r}")
-            if dc.tokens_per_step - 1 > kv_residual:
-                raise UsageError(
-                    f"gamma {dc.gamma} is larger than kv_residual {kv_residual}: a "
-                    "speculative step must fit the float buffer (use gamma <= R)"
-                )
         return kv_cache
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):
@@ -284,12 +495,37 @@ class Engine:
             batch = -(-batch // d) * d
         return batch, t_bucket, capacity
 
+    def _hold(self, ckey, fn) -> None:
+        """Keeps a compiled program, evicting the least recently used past `max_programs`.
+
+        Every program XLA:CPU compiles keeps its machine code in its own memory mappings, and
+        Linux refuses mappings past vm.max_map_count (65530 by default), where XLA's compiler
+        crashes. So a long-lived process that compiles many shapes must let programs go: an
+        evicted program is dropped with JAX's own jit caches (`jax.clear_caches`), and so are
+        the least recently used ones while the process holds more than `MAP_BUDGET` mappings.
+        """
+        self._compiled[ckey] = fn
+        evicted = False
+        while len(self._compiled) > max(self.max_programs, 1):
+            self._compiled.popitem(last=False)
+            evicted = True
+        if memory_maps() > MAP_BUDGET:
+            while len(self._compiled) > 1:
+                self._compiled.popitem(last=False)
+            self._logits_fns.clear()
+            evicted = True
+        if evicted:
+            jax.clear_caches()
+            gc.collect()
+
     @property
     def num_compiled(self) -> int:
         """How many generation programs this engine has compiled (or loaded from disk)."""
         return len(self._compiled)
 
-    def compiled_generate(self, cache: KVCache, toks, lens, key, limit, dc: DecodeConfig):
+    def compiled_generate(
+        self, cache: KVCache, toks, lens, key, limit, dc: DecodeConfig, stop_ids=None
+    ):
         """The AOT-compiled generation function for these arguments' shapes and shardings.
 
         Returns:
@@ -299,75 +535,94 @@ class Engine:
             the executable; compile_s is then tracing + lowering + reading it) or "compiled"
             (XLA compiled it now).
         """
+        if stop_ids is None:
+            stop_ids = jnp.full((toks.shape[0], 0), -1, jnp.int32)
         ckey = (
             toks.shape,
+            jnp.shape(limit),
+            stop_ids.shape,
             cache.capacity,
             jax.tree_util.tree_structure(cache),
             jax.tree_util.tree_structure(self.params),  # e.g. with or without the int8 head
             dc,
         )
         if ckey in self._compiled:
+            self._compiled.move_to_end(ckey)
             return self._compiled[ckey], 0.0, "memory"
         hits = disk_cache.persistent_cache_hits()
         t0 = time.perf_counter()
         fn = generate.lower(
-            self.params, cache, toks, lens, key, limit, cfg=self.config, qcfg=self.qconfig, dc=dc
+            self.params,
+            cache,
+            toks,
+            lens,
+            key,
+            limit,
+            stop_ids,
+            cfg=self.config,
+            qcfg=self.qconfig,
+            dc=dc,
         ).compile()
         compile_s = time.perf_counter() - t0
-        self._compiled[ckey] = fn
+        self._hold(ckey, fn)
         return fn, compile_s, "disk" if disk_cache.persistent_cache_hits() > hits else "compiled"
 
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
-        mode: str = "fp",
-        max_new_tokens: int = 64,
+        method: DecodingMethod | str = "fp",
+        max_new_tokens: int | Sequence[int] = 64,
         temperature: float = 0.0,
         seed: int = 0,
         chat: bool = True,
         *,
+        mode: str | None = None,
         top_k: int = 0,
         top_p: float = 1.0,
-        gamma: int = 3,
-        draft: str = "w4a8",
-        adaptive_gamma: bool = False,
-        spec_max_active: int = 0,
+        stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        logprobs: int = 0,
         ignore_eos: bool = False,
-        tree=(4, 2, 1),
-        levels=("w4a4", "w4a8", "w4a16"),
         kv_cache: str | None = None,
         kv_residual: int = 128,
+        chunk_steps: int = 16,
+        **method_options,
     ) -> GenerationResult:
         """Generates continuations for a batch of prompts.
 
         Args:
             prompts: strings (tokenized, with the chat template when chat=True) or token-id lists.
-            mode: "fp", "w4a16", "w4a4", "w4a8" (autoregressive), "qspec" (drafts in `draft`),
-                "quantspec" (W4A16 drafts reading the int4 halves of the hierarchical cache) or
-                "hspec" (SpecMQuant's hierarchy: a W4A4 draft tree, verified into a sequence by
-                W4A8, verified by W4A16; see `qspec_jax.decoding.hspec`).
-            max_new_tokens: the most tokens generated per prompt.
-            temperature: 0 for greedy; top_k / top_p filter the sampled distribution.
+            method: the decoding method (`qspec_jax.decoding.methods`): an object such as
+                `QSpec(gamma=3, draft="w4a8")`, `QuantSpec(gamma=5)`, `HSpec(tree=(4, 2, 1))`,
+                `AR("w4a16")`, or a mode string ("fp", "w4a16", "w4a4", "w4a8", "qspec",
+                "quantspec", "hspec") whose options come as keywords (gamma, draft,
+                adaptive_gamma, spec_max_active, tree, levels; see each method's docstring).
+            max_new_tokens: the most tokens generated, one int for every prompt or one per
+                prompt (a traced array: no recompilation per value).
+            temperature: 0 for greedy; top_k / top_p filter the sampled distribution. These and
+                `seed` are per call (the sampling settings are static in the program).
             seed: PRNG seed.
             chat: apply the tokenizer's chat template to string prompts.
-            gamma: QSpec draft length (the maximum when adaptive_gamma).
-            draft: QSpec's draft precision over the same int4 weights: "w4a8" (the default:
-                accepted 0.97 at gamma 3 on held-out prompts, README "Quantization") or "w4a4"
-                (the paper's drafter).
-            adaptive_gamma: grow / shrink the draft length from the running acceptance.
-            spec_max_active: run plain W4A16 steps while more than this many sequences are
-                active (0 = always speculate).
+            mode: the mode string, as a keyword (the same as passing it as `method`).
+            stop: stop strings, for every prompt (a string or a list) or per prompt (a list of
+                lists). A sequence ends at the first one with finish reason "stop"; its text
+                ends before it and its tokens at the token that completes it, also when the
+                string spans tokens or falls inside a verified speculative block. Stop strings
+                are matched on the host between chunks of `chunk_steps` steps.
+            stop_token_ids: token ids that end a sequence like EOS (included in its tokens),
+                for every prompt (a list of ints) or per prompt (a list of lists); traced.
+            logprobs: 0, or return each generated token's log-probability and the top
+                `logprobs` alternatives, always under the verifier's (output) distribution,
+                never the draft's.
             ignore_eos: generate exactly max_new_tokens (for benchmarks).
-            tree: hspec's draft tree, branching per depth (e.g. (4, 2, 1) or "4,2,1") or a
-                `qspec_jax.decoding.tree.TreeConfig`.
-            levels: hspec's precisions, cheapest first, ending in "w4a16": ("w4a4", "w4a8",
-                "w4a16"), ("w4a4", "w4a16") (tree straight into W4A16), ("w4a8", "w4a16").
-            kv_cache: "float" (default; a dense cache in the activation dtype) or "hier"
-                (QuantSpec's int4/int8 hierarchical cache: drafts read int4 KV, the verifier and
-                autoregressive steps int8 KV, plus a float buffer); "quantspec" needs "hier"
-                and defaults to it.
+            kv_cache: "float" (a dense cache in the activation dtype) or "hier" (QuantSpec's
+                int4/int8 hierarchical cache: drafts read int4 KV, the verifier and
+                autoregressive steps int8 KV, plus a float buffer); default: the method's
+                (`QuantSpec` needs and defaults to "hier", the others "float").
             kv_residual: R of the hierarchical cache (float buffer of up to 2R tokens); a
                 speculative step needs gamma <= R.
+            chunk_steps: with stop strings, steps per device call between host checks.
+            **method_options: options of a mode string (e.g. gamma=3, draft="w4a8").
 
         Returns:
             A GenerationResult. stats["compile_s"] is the wall time this call spent tracing,
@@ -375,31 +630,284 @@ class Engine:
             stats["compile_source"] says where the program came from: "memory", "disk"
             (JAX's persistent compilation cache) or "compiled".
         """
+        req = self._request(
+            prompts, method, mode, max_new_tokens, temperature, seed, chat, top_k, top_p,
+            stop, stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+        )  # fmt: skip
+        if any(req.stops):
+            return self._finish_chunked(req, chunk_steps)
+        fn, compile_s, source = self.compiled_generate(
+            req.cache, req.toks, req.lens, req.key, req.limits, req.dc, req.stop_ids
+        )
+        jax.block_until_ready((req.cache, req.toks, req.lens))
+        t0 = time.perf_counter()
+        state = fn(self.params, req.cache, req.toks, req.lens, req.key, req.limits, req.stop_ids)
+        host = _HostState.fetch(state)
+        wall = time.perf_counter() - t0
+        return self._result(req, host, wall, compile_s, source)
+
+    def stream(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        method: DecodingMethod | str = "fp",
+        max_new_tokens: int | Sequence[int] = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        chat: bool = True,
+        *,
+        mode: str | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        logprobs: int = 0,
+        ignore_eos: bool = False,
+        kv_cache: str | None = None,
+        kv_residual: int = 128,
+        chunk_steps: int = 4,
+        **method_options,
+    ) -> Iterator[StreamEvent]:
+        """Generates like `generate`, yielding `StreamEvent`s while the generation runs.
+
+        The jitted loop runs `chunk_steps` steps per device call with the state carried
+        between calls (one compiled program for every chunk); after each chunk every sequence
+        that produced tokens yields an event with its new token ids and text delta, and its
+        last event carries its finish reason. Concatenating a sequence's events gives exactly
+        `generate`'s tokens and text. Takes `generate`'s arguments.
+        """
+        req = self._request(
+            prompts, method, mode, max_new_tokens, temperature, seed, chat, top_k, top_p,
+            stop, stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+        )  # fmt: skip
+        for events, *_ in self._chunks(req, chunk_steps):
+            yield from events
+
+    def generate_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        method: DecodingMethod | str = "fp",
+        max_new_tokens: int | Sequence[int] = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        chat: bool = True,
+        *,
+        batch_size: int = 8,
+        mode: str | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        logprobs: int = 0,
+        ignore_eos: bool = False,
+        kv_cache: str | None = None,
+        kv_residual: int = 128,
+        chunk_steps: int = 8,
+        progress: bool = False,
+        **method_options,
+    ) -> GenerationResult:
+        """Generates for many prompts with continuous batching: `batch_size` rows stay busy.
+
+        A row whose sequence finished takes the next prompt in place (its prefill written into
+        that row of the cache) instead of waiting for the slowest row of a static batch. The
+        rows run `chunk_steps` steps per device call; finished rows are collected and refilled
+        between calls. Every prompt's tokens equal its `generate([prompt], ...)` run alone at
+        temperature 0 (its prefill is the batch-1 prefill, and every decode kernel computes a
+        row the same way whatever the other rows hold); when sampling, each prompt's draws
+        differ from its run alone (the rows share one key stream) but follow the same
+        distribution. Takes `generate`'s arguments; results come back in the prompts' order.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(chunk_steps, int) or chunk_steps < 1:
+            raise UsageError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
+        if self.mesh is not None and batch_size % self.mesh.shape["data"]:
+            raise UsageError(
+                f"batch_size {batch_size} must be a multiple of the mesh's data axis "
+                f"({self.mesh.shape['data']})"
+            )
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise UsageError("no prompts given: pass at least one prompt")
-        if mode == "hspec" and (adaptive_gamma or spec_max_active):
-            raise UsageError("adaptive_gamma and spec_max_active apply to qspec only, not hspec")
-        dc = self._decode_config(
-            mode, max_new_tokens, temperature, top_k, top_p, gamma, draft, tree, levels
+        if mode is not None:
+            if not (isinstance(method, str) and method == "fp"):
+                raise UsageError("give the decoding method once: method=... or mode=..., not both")
+            method = mode
+        n = len(prompts)
+        limits = _per_prompt(max_new_tokens, n, "max_new_tokens")
+        if any(not isinstance(v, (int, np.integer)) or v < 1 for v in limits):
+            raise UsageError("max_new_tokens must be positive integers")
+        stops = _stop_lists(stop, n)
+        stop_ids = _stop_id_lists(stop_token_ids, n, self.config.vocab_size)
+        m = self.method(method, **method_options)
+        dc = self.decode_config(m, int(max(limits)), temperature, top_k, top_p, ignore_eos)
+        dc = dc.replace(logprobs=int(logprobs))
+        kv_cache = self._check_kv_cache(m, kv_cache, kv_residual)
+        token_lists = self.encode(prompts, chat=chat)
+        _, t_bucket, capacity = self._plan(token_lists, dc)
+        rows = batch_size
+        s_width = _bucket(max(len(s) for s in stop_ids), 1) if any(stop_ids) else 0
+        cache = make_cache(
+            kv_cache,
+            self.config,
+            rows,
+            capacity,
+            residual=kv_residual,
+            step_tokens=dc.tokens_per_step,
+            attention_impl="xla" if self.impl == "xla" else None,
         )
-        kv_cache = self._check_kv_cache(mode, kv_cache, kv_residual, dc)
-        if ignore_eos:
-            dc = dataclasses.replace(dc, eos_ids=())
-        if mode in SPEC_MODES:
-            dc = dataclasses.replace(
-                dc, adaptive_gamma=bool(adaptive_gamma), spec_max_active=int(spec_max_active)
+        if self.mesh is not None:
+            from qspec_jax.sharding import shard_cache  # noqa: PLC0415
+
+            cache = shard_cache(cache, self.mesh)
+        kw = dict(cfg=self.config, qcfg=self.qconfig, dc=dc)
+        t0 = time.perf_counter()
+        state = loop.empty_state(cache, jax.random.PRNGKey(seed), dc, s_width)
+        pending = collections.deque(range(n))
+        slot: list[int | None] = [None] * rows
+        trackers = [_TextTracker(self, stops[i]) for i in range(n)]
+        tokens: list[list[int] | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        lps: list[Any] = [None] * n
+        per_row: list[dict[str, Any]] = [{} for _ in range(n)]  # harvested counters
+        bar = None
+        if progress:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=n, desc="generate_many", unit="prompt")
+        while pending or any(s is not None for s in slot):
+            for r in range(rows):
+                if slot[r] is None and pending:
+                    i = pending.popleft()
+                    toks = np.full((1, t_bucket), self.config.pad_token_id, np.int32)
+                    toks[0, : len(token_lists[i])] = token_lists[i]
+                    sid = np.full((1, s_width), -1, np.int32)
+                    sid[0, : len(stop_ids[i])] = stop_ids[i]
+                    state = loop.insert_prompt(
+                        state,
+                        self.params,
+                        jnp.asarray(r, jnp.int32),
+                        jnp.asarray(toks),
+                        jnp.asarray([len(token_lists[i])], jnp.int32),
+                        jax.random.PRNGKey(seed),
+                        jnp.asarray([limits[i]], jnp.int32),
+                        jnp.asarray(sid),
+                        **kw,
+                    )
+                    slot[r] = i
+            out, num, done, finish, vsteps, carry, lp = jax.device_get(
+                (
+                    state.out_tokens,
+                    state.num_generated,
+                    state.done,
+                    state.finish,
+                    state.verify_steps,
+                    state.carry,
+                    state.logprobs,
+                )
             )
+            cut = []
+            for r, i in enumerate(slot):
+                if i is None:
+                    continue
+                _, _, stopped = trackers[i].update(out[r, : num[r]].tolist(), bool(done[r]))
+                if not (stopped or done[r]):
+                    continue
+                if stopped:
+                    cut.append(r)
+                    reasons[i] = "stop"
+                else:
+                    reasons[i] = FINISH_NAMES[int(finish[r])] or "length"
+                tokens[i] = trackers[i].tokens
+                per_row[i] = {"verify_steps": int(vsteps[r]), "carry": _row_of(carry, r)}
+                if dc.logprobs:
+                    lps[i] = _token_logprobs(lp, r, 0, tokens[i])
+                slot[r] = None
+                if bar is not None:
+                    bar.update(1)
+            if cut:  # a stop string ended these rows: stop them on the device too
+                idx = jnp.asarray(cut, jnp.int32)
+                state = state.replace(done=state.done.at[idx].set(True))
+            if any(s is not None for s in slot):
+                state = loop.run_steps(
+                    state, self.params, jnp.asarray(chunk_steps, jnp.int32), **kw
+                )
+        if bar is not None:
+            bar.close()
+        wall = time.perf_counter() - t0
+        total = int(sum(len(t) for t in tokens))
+        carry_all = _stack_rows([r["carry"] for r in per_row], jax.device_get(state.carry))
+        stats: dict[str, Any] = {
+            "mode": m.mode,
+            "method": repr(m),
+            "batch": n,
+            "batch_size": rows,
+            "continuous_batching": True,
+            "tokens_generated": total,
+            "wall_s": wall,  # compile time included: programs compile on first use here
+            "tokens_per_s": total / wall if wall > 0 else float("nan"),
+            "prompt_tokens": int(sum(len(t) for t in token_lists)),
+            "steps": int(jax.device_get(state.steps)),
+            "kv_cache": kv_cache,
+        }
+        stats.update(m.stats(carry_all, n, total, sum(r["verify_steps"] for r in per_row)))
+        texts = [t.text for t in trackers]
+        return GenerationResult(
+            texts=texts,
+            tokens=tokens,
+            finish_reasons=reasons,
+            stats=stats,
+            logprobs=lps if dc.logprobs else None,
+        )
+
+    # ------------------------------------------------------------------ request plumbing
+    def _request(
+        self, prompts, method, mode, max_new_tokens, temperature, seed, chat, top_k, top_p,
+        stop, stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+    ) -> _Request:  # fmt: skip
+        """Checks a request and lays out its arrays (shared by generate and stream)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise UsageError("no prompts given: pass at least one prompt")
+        if mode is not None:
+            if not (isinstance(method, str) and method == "fp"):
+                raise UsageError("give the decoding method once: method=... or mode=..., not both")
+            method = mode
+        n = len(prompts)
+        limits = _per_prompt(max_new_tokens, n, "max_new_tokens")
+        for i, v in enumerate(limits):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise UsageError(
+                    f"max_new_tokens must be a positive integer, got {v!r}"
+                    + (f" for prompt {i}" if not isinstance(max_new_tokens, int) else "")
+                )
+        if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
+            raise UsageError(f"logprobs must be a non-negative integer, got {logprobs!r}")
+        if logprobs > self.config.vocab_size:
+            raise UsageError(
+                f"logprobs {logprobs} is more than the vocabulary ({self.config.vocab_size})"
+            )
+        stops = _stop_lists(stop, n)
+        stop_ids = _stop_id_lists(stop_token_ids, n, self.config.vocab_size)
+        m = self.method(method, **method_options)
+        dc = self.decode_config(m, max(limits), temperature, top_k, top_p, ignore_eos)
+        dc = dc.replace(logprobs=int(logprobs))
+        kv_cache = self._check_kv_cache(m, kv_cache, kv_residual)
         token_lists = self.encode(prompts, chat=chat)
         batch, t_bucket, capacity = self._plan(token_lists, dc)
 
-        n = len(token_lists)
         padded = token_lists + [token_lists[0]] * (batch - n)  # batch bucket filler rows
         toks = np.full((batch, t_bucket), self.config.pad_token_id, np.int32)
         for i, t in enumerate(padded):
             toks[i, : len(t)] = t
         lens = np.asarray([len(t) for t in padded], np.int32)
+        # filler rows stop after their first token
+        lim = np.asarray(list(limits) + [1] * (batch - n), np.int32)
+        s_width = _bucket(max(len(s) for s in stop_ids), 1) if any(stop_ids) else 0
+        sid = np.full((batch, s_width), -1, np.int32)
+        for i, ids in enumerate(stop_ids):
+            sid[i, : len(ids)] = ids
         cache = make_cache(
             kv_cache,
             self.config,
@@ -411,95 +919,140 @@ class Engine:
             # (its CPU attention kernel where available)
             attention_impl="xla" if self.impl == "xla" else None,
         )
-        toks, lens = jnp.asarray(toks), jnp.asarray(lens)
+        toks, lens, lim, sid = map(jnp.asarray, (toks, lens, lim, sid))
         if self.mesh is not None:
             from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415
 
             cache = shard_cache(cache, self.mesh)
-            toks, lens = shard_batch(toks, self.mesh), shard_batch(lens, self.mesh)
-        key = jax.random.PRNGKey(seed)
-        limit = jnp.asarray(max_new_tokens, jnp.int32)  # traced: no recompile within a bucket
-        fn, compile_s, source = self.compiled_generate(cache, toks, lens, key, limit, dc)
-        jax.block_until_ready((cache, toks, lens))
-
-        t0 = time.perf_counter()
-        state = fn(self.params, cache, toks, lens, key, limit)
-        out = jax.device_get(
-            (
-                state.out_tokens,
-                state.num_generated,
-                state.finish,
-                state.steps,
-                state.draft_proposed,
-                state.draft_accepted,
-                state.verify_steps,
-                state.spec_steps,
-                state.tree_accepted,
-            )
+            toks, lens, lim, sid = (shard_batch(a, self.mesh) for a in (toks, lens, lim, sid))
+        return _Request(
+            method=m,
+            dc=dc,
+            kv_cache=kv_cache,
+            token_lists=token_lists,
+            n=n,
+            toks=toks,
+            lens=lens,
+            cache=cache,
+            key=jax.random.PRNGKey(seed),
+            limits=lim,
+            stop_ids=sid,
+            stops=stops,
         )
-        final_lengths = jax.device_get(state.cache.lengths)
-        wall = time.perf_counter() - t0
-        out_tokens, num_gen, finish, steps, proposed, accepted, vsteps, spec_steps, tree_acc = out
 
-        tokens = [out_tokens[i, : num_gen[i]].tolist() for i in range(n)]
-        reasons = [FINISH_NAMES[int(finish[i])] or "length" for i in range(n)]
+    def _result(self, req, host, wall, compile_s, source, kept=None) -> GenerationResult:
+        """The GenerationResult from the final host arrays (`kept`: the chunked path's
+        (tokens, texts, reasons) after stop strings)."""
+        n = req.n
+        if kept is None:
+            tokens = [host.out_tokens[i, : host.num_generated[i]].tolist() for i in range(n)]
+            reasons = [FINISH_NAMES[int(host.finish[i])] or "length" for i in range(n)]
+            texts = [self.decode(t) for t in tokens]
+        else:
+            tokens, texts, reasons = kept
         total = int(sum(len(t) for t in tokens))
+        lengths = host.lengths[:n]
         stats: dict[str, Any] = {
-            "mode": mode,
+            "mode": req.method.mode,
+            "method": repr(req.method),
             "batch": n,
             "tokens_generated": total,
             "wall_s": wall,
             "tokens_per_s": total / wall if wall > 0 else float("nan"),
             "compile_s": compile_s,
             "compile_source": source,
-            "max_new_tokens_bucket": dc.max_new_tokens,
-            "prompt_tokens": int(sum(len(t) for t in token_lists)),
-            "steps": int(steps),
-            "kv_cache": kv_cache,
+            "max_new_tokens_bucket": req.dc.max_new_tokens,
+            "prompt_tokens": int(sum(len(t) for t in req.token_lists)),
+            "steps": int(host.steps),
+            "kv_cache": req.kv_cache,
             # bytes of K/V per token held at the end (hier: codes + scales + float buffer)
-            "kv_bytes_per_token": type(state.cache).kv_bytes(state.cache, final_lengths[:n])
-            / max(int(final_lengths[:n].sum()), 1),
+            "kv_bytes_per_token": type(req.cache).kv_bytes(host.cache_like, lengths)
+            / max(int(lengths.sum()), 1),
         }
-        if mode in SPEC_MODES:
-            prop, acc = int(proposed[:n].sum()), int(accepted[:n].sum())
-            v = int(vsteps[:n].sum())
-            stats.update(
-                gamma=dc.gamma,
-                draft=dc.draft_weights_precision,  # quantspec drafts in the verify precision
-                draft_tokens_proposed=prop,
-                draft_tokens_accepted=acc,
-                acceptance_rate=acc / prop if prop else float("nan"),
-                # tokens committed per verify step (the first token comes from prefill)
-                mean_tokens_per_step=(total - n) / v if v else float("nan"),
-                verify_steps=v,
-                speculative_steps=int(spec_steps),
-                adaptive_gamma=dc.adaptive_gamma,
+        stats.update(req.method.stats(host.carry, n, total, int(host.verify_steps[:n].sum())))
+        lps = None
+        if req.dc.logprobs:
+            lps = [_token_logprobs(host.logprobs, i, 0, tokens[i]) for i in range(n)]
+        return GenerationResult(
+            texts=texts, tokens=tokens, finish_reasons=reasons, stats=stats, logprobs=lps
+        )
+
+    def _chunks(self, req: _Request, chunk_steps: int):
+        """Runs a request in chunks of steps; yields (events, state) after prefill and after
+        every chunk, the state's finished rows including those a stop string ended."""
+        if not isinstance(chunk_steps, int) or chunk_steps < 1:
+            raise UsageError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
+        kw = dict(cfg=self.config, qcfg=self.qconfig, dc=req.dc)
+        state = loop.prefill_jit(
+            self.params, req.cache, req.toks, req.lens, req.key, req.limits, req.stop_ids, **kw
+        )
+        trackers = [_TextTracker(self, req.stops[i]) for i in range(req.n)]
+        finished = [False] * req.n
+        while True:
+            out, num, done, finish, lp = jax.device_get(
+                (state.out_tokens, state.num_generated, state.done, state.finish, state.logprobs)
             )
-        if mode == "hspec":
-            prop, acc = int(proposed[:n].sum()), int(accepted[:n].sum())
-            v = int(vsteps[:n].sum())
-            stats.update(
-                tree=list(dc.tree.parents),
-                tree_nodes=dc.tree.num_nodes,
-                tree_depth=dc.tree.depth,
-                levels=list(dc.levels),
-                # drafted tokens the tree verifier kept per step (three levels: W4A8's path)
-                tree_accepted_per_step=int(tree_acc[:n].sum()) / v if v else float("nan"),
-                # tokens handed to the last level (three levels: path + 1; two: tree depth)
-                draft_tokens_proposed=prop,
-                draft_tokens_accepted=acc,
-                acceptance_rate=acc / prop if prop else float("nan"),
-                mean_tokens_per_step=(total - n) / v if v else float("nan"),
-                verify_steps=v,
-            )
-        texts = [self.decode(t) for t in tokens]
-        return GenerationResult(texts=texts, tokens=tokens, finish_reasons=reasons, stats=stats)
+            events, cut = [], []
+            for i in range(req.n):
+                if finished[i]:
+                    continue
+                final = bool(done[i])
+                t = trackers[i]
+                start = t.n_tokens
+                new_ids, delta, stopped = t.update(out[i, : num[i]].tolist(), final)
+                reason = None
+                if stopped:
+                    reason = "stop"
+                    cut.append(i)
+                elif final:
+                    reason = FINISH_NAMES[int(finish[i])] or "length"
+                if reason:
+                    finished[i] = True
+                    t.reason = reason
+                if new_ids or delta or reason:
+                    events.append(
+                        StreamEvent(
+                            index=i,
+                            token_ids=new_ids,
+                            text=delta,
+                            finish_reason=reason,
+                            logprobs=_token_logprobs(lp, i, start, new_ids)
+                            if req.dc.logprobs
+                            else None,
+                        )
+                    )
+            if cut:  # rows a stop string ended: done on the device too, nothing more committed
+                rows = jnp.asarray(cut, jnp.int32)
+                state = state.replace(
+                    done=state.done.at[rows].set(True),
+                    finish=state.finish.at[rows].set(STOP),
+                )
+            yield events, state, trackers
+            if all(finished):
+                return
+            state = loop.run_steps(state, self.params, jnp.asarray(chunk_steps, jnp.int32), **kw)
+
+    def _finish_chunked(self, req: _Request, chunk_steps: int) -> GenerationResult:
+        """`generate` through the chunked loop (stop strings are matched between chunks)."""
+        t0 = time.perf_counter()
+        *_, (_, state, trackers) = self._chunks(req, chunk_steps)  # run to the end
+        host = _HostState.fetch(state.replace(cache=state.cache.flush()))
+        wall = time.perf_counter() - t0
+        kept = (
+            [t.tokens for t in trackers],
+            [t.text for t in trackers],
+            [t.reason for t in trackers],
+        )
+        # compile time is not separated from the run on this path (jit compiles on first use)
+        return self._result(req, host, wall, float("nan"), "jit", kept)
 
     # ------------------------------------------------------------------ logits
     def logits(self, token_ids, precision: str = "fp") -> np.ndarray:
         """Teacher-forced logits float32 [batch, length, vocab] for equal-length id rows."""
-        if precision not in ("fp", "w4a16", "w4a4", "w4a8"):
-            raise UsageError(f"unknown precision {precision!r}: choose fp, w4a16, w4a4 or w4a8")
+        if precision not in PRECISIONS:
+            raise UsageError(
+                f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
         self.check_mode(precision)
         ids = np.asarray(token_ids, np.int32)
         if ids.ndim == 1:
@@ -518,6 +1071,9 @@ class Engine:
                 cache = KVCache.init(cfg, ids.shape[0], ids.shape[1])
                 return forward(params, ids, cache, cfg, qcfg, precision)[0]
 
+            if len(self._logits_fns) >= max(self.max_programs, 1):
+                self._logits_fns.pop(next(iter(self._logits_fns)))
+                jax.clear_caches()
             self._logits_fns[key] = fn
         return np.asarray(self._logits_fns[key](self.params, jnp.asarray(ids)))
 
@@ -533,6 +1089,7 @@ def load(
     mesh=None,
     compile_cache: bool = True,
     quant_cache: bool = True,
+    draft_quant: str | None = None,
     **quant_options,
 ) -> Engine:
     """Loads a model and returns an Engine.
@@ -559,8 +1116,19 @@ def load(
             quantizing (``QSPEC_JAX_QUANT_CACHE=0`` also turns it off). A cached checkpoint
             that fails validation is quantized again and replaced, never used.
             `Engine.load_info` says what happened.
+        draft_quant: keep the float weights as the target AND a 4-bit copy quantized with this
+            method ("gguf", "rtn", "gptq", "quarot-rtn", ...) for drafting: QuantSpec as
+            published (`QuantSpec(verify="fp")` drafts in W4A16 over int4 KV and verifies in
+            float over int8 KV) and `QSpec(verify="fp", draft=...)`. Every mode is then
+            available; `Engine.weight_bytes_by_set` reports both memories.
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
+    if draft_quant is not None:
+        return _load_two_weight_sets(
+            model, quant, draft_quant, group_size=group_size, dtype=dtype, seed=seed,
+            progress=progress, mesh=mesh, compile_cache=compile_cache, quant_cache=quant_cache,
+            **quant_options,
+        )  # fmt: skip
     quant = quant or "none"
     if compile_cache:  # before quantizing: its jitted kernels are cached too
         disk_cache.enable_compilation_cache()
@@ -646,6 +1214,42 @@ def load(
         cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
     )
     eng.load_info = dict(info, load_s=time.perf_counter() - t_load)
+    return eng
+
+
+def _load_two_weight_sets(model, quant, draft_quant, *, mesh, **kw) -> Engine:
+    """A float target and its `draft_quant` int4 copy in one Engine (`TwoWeights`)."""
+    if quant not in (None, "none"):
+        raise UsageError(
+            f"draft_quant keeps the float weights as the target: do not pass quant={quant!r} too"
+        )
+    if draft_quant in (None, "none") or draft_quant not in QUANT_METHODS:
+        raise UsageError(
+            f"unknown draft_quant {draft_quant!r}: choose one of {', '.join(QUANT_METHODS[1:])}"
+        )
+    t0 = time.perf_counter()
+    target = load(model, quant=None, mesh=mesh, **kw)
+    draft = load(model, quant=draft_quant, mesh=mesh, **kw)
+    if target.config != draft.config:
+        raise UsageError(f"{model}: the float and {draft_quant} loads disagree on the model shape")
+    # Both engines prepared their weights (layers unstacked, int8 head); combine them as they are.
+    eng = Engine(
+        target.config,
+        TwoWeights(target=target.params, draft=draft.params),
+        draft.qconfig,
+        draft.tokenizer or target.tokenizer,
+        source=str(model),
+        unroll_layers=False,
+        mesh=mesh,
+        compile_cache=kw.get("compile_cache", True),
+        prepared=True,
+    )
+    eng.load_info = dict(
+        target=target.load_info,
+        draft=draft.load_info,
+        load_s=time.perf_counter() - t0,
+        weight_bytes=eng.weight_bytes_by_set,
+    )
     return eng
 
 

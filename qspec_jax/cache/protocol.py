@@ -18,6 +18,10 @@ each returning a new cache):
 * ``lengths`` (a field; moving it back is rollback), ``capacity``, ``replace(...)``;
 * ``kv_bytes(lengths)`` / ``kv_bytes_per_token()``: memory accounting for stats.
 
+Every array of a cache is either per layer, [layers, batch, ...], or per sequence, [batch]
+(static layout is not an array). `take_row` / `put_row` rely on that to move one sequence in or
+out of a batch, whatever the format (continuous batching writes a new prompt into a free row).
+
 Formats: ``"float"`` (`KVCache`, one dense buffer) and ``"hier"`` (`HierKVCache`, QuantSpec's
 int4/int8 hierarchical cache with a float buffer).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import jax
 import jax.numpy as jnp
 
 from qspec_jax.cache.hierarchical import HierKVCache
@@ -85,3 +90,24 @@ def make_cache(
             step_tokens=step_tokens, attention_impl=attention_impl,
         )  # fmt: skip
     raise ValueError(f"unknown kv_cache {kind!r}: choose one of {', '.join(KV_FORMATS)}")
+
+
+def _batch_axis(leaf: jnp.ndarray) -> int:
+    """The batch axis of a cache array: 0 for per-sequence [batch], 1 for [layers, batch, ...]."""
+    return 0 if leaf.ndim == 1 else 1
+
+
+def take_row(cache, row: jnp.ndarray):
+    """The batch-1 cache of the same format holding sequence `row` (int32 [], traced)."""
+    return jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=_batch_axis(x)), cache
+    )
+
+
+def put_row(cache, row: jnp.ndarray, one):
+    """`cache` with sequence `row` replaced by the batch-1 cache `one` (same format, layout)."""
+    return jax.tree.map(
+        lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), row, _batch_axis(x)),
+        cache,
+        one,
+    )

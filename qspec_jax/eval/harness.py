@@ -41,6 +41,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from qspec_jax.decoding.methods import mode_names
+
 __all__ = [
     "ALL_MODES",
     "TASKS",
@@ -59,7 +61,9 @@ __all__ = [
 ]
 
 TASKS = ("math", "humaneval", "perplexity")
-ALL_MODES = ("fp", "w4a16", "w4a4", "w4a8", "qspec")
+# Every mode the decoding-method registry names (qspec_jax.decoding.methods): a new method is an
+# evaluation row with no change here.
+ALL_MODES = mode_names()
 FORMAT = 1
 SCORE_NAMES = {"math": "accuracy", "humaneval": "pass@1", "perplexity": "perplexity"}
 
@@ -201,7 +205,7 @@ def check_eval_args(
         if engine_modes is not None and m not in engine_modes:
             raise EvalUsageError(
                 f"mode {m!r} is not available on this engine (it offers {', '.join(engine_modes)}): "
-                "load int4 weights (a quant method) for w4a16/w4a4/w4a8/qspec, float weights for fp"
+                "load int4 weights (a quant method) for the int4 modes, float weights for fp"
             )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise EvalUsageError(f"limit must be a positive integer (or None for all items), got {limit!r}")
@@ -412,7 +416,8 @@ _BATCH_STATS = ("tokens_generated", "wall_s", "draft_tokens_proposed", "draft_to
 
 def _run_generation_batch(engine, task, mode, batch, *, max_new_tokens, gamma, temperature, seed,
                           humaneval_style, exec_timeout, exec_workers, draft="w4a8"):
-    extra = {"draft": draft} if mode == "qspec" else {}
+    extra = {"draft": draft} if mode == "qspec" else {}  # the evaluation's QSpec draft
+    # gamma is a shared option: methods that draft no sequence ignore it
     res = engine.generate(
         [it.prompt for it in batch], mode=mode, max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed, chat=batch[0].chat, gamma=gamma, **extra,

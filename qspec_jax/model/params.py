@@ -154,3 +154,37 @@ def stack_layers(params: Params) -> Params:
     if not isinstance(params.layers, tuple):
         return params
     return params.replace(layers=jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params.layers))
+
+
+@struct.dataclass
+class TwoWeights:
+    """Two weight sets of one model: a float target and its packed int4 copy for drafting.
+
+    QuantSpec as published: the target runs its float weights ("fp"), the draft the 4-bit copy
+    ("w4a16", "w4a8", "w4a4"). `forward` picks the set from the precision, so every decoding
+    method runs on it unchanged; both sets share the model's shape and the KV cache.
+
+    Attributes:
+        target: float weights (precision "fp").
+        draft: the same model with packed int4 linears (the int4 precisions).
+    """
+
+    target: Params
+    draft: Params
+
+    def for_precision(self, precision: str) -> Params:
+        return self.target if precision == "fp" else self.draft
+
+
+def weight_kinds(params) -> frozenset[str]:
+    """The weight kinds the parameters hold: {"float"}, {"int4"} or both (`TwoWeights`)."""
+    if isinstance(params, TwoWeights):
+        return frozenset({"float", "int4"})
+    return frozenset({"int4"}) if is_quantized(params) else frozenset({"float"})
+
+
+def map_weight_sets(fn, params):
+    """Applies `fn` to each weight set (both of a `TwoWeights`, else the one)."""
+    if isinstance(params, TwoWeights):
+        return TwoWeights(target=fn(params.target), draft=fn(params.draft))
+    return fn(params)

@@ -1,4 +1,4 @@
-"""SpecMQuant's hierarchy on one int4 weight copy and one KV cache (`mode="hspec"`).
+"""SpecMQuant's hierarchy on one int4 weight copy and one KV cache (`HSpec`, mode "hspec").
 
 One step, for every sequence of the batch at once:
 
@@ -28,18 +28,23 @@ speculative sampling with q = level 2's distribution at each position of the seq
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from qspec_jax.config import LlamaConfig, QuantConfig
+from qspec_jax.config import LEVEL_PRECISIONS, LlamaConfig, QuantConfig
 from qspec_jax.decoding import tree as tr
+from qspec_jax.decoding.accept import accept_greedy, accept_sampling
+from qspec_jax.decoding.methods.base import DecodingMethod, MethodError
 from qspec_jax.decoding.sampling import filtered_probs, sample_from_probs
+from qspec_jax.decoding.state import commit
 from qspec_jax.model.llama import forward
 from qspec_jax.model.params import Params
 
-# Precisions a level may run in, cheapest first; the last level is the output precision.
-LEVEL_PRECISIONS = ("w4a4", "w4a8", "w4a16")
 MAX_TREE_DEPTH = 16
 
 
@@ -54,13 +59,13 @@ def check_levels(levels) -> tuple[str, ...]:
     levels = tuple(levels)
     bad = [lv for lv in levels if lv not in LEVEL_PRECISIONS]
     if bad or len(levels) not in (2, 3) or levels[-1] != "w4a16":
-        raise ValueError(
+        raise MethodError(
             f"levels {','.join(map(str, levels))!r} are not a hierarchy: give 2 or 3 of "
             f"{', '.join(LEVEL_PRECISIONS)} from cheapest to w4a16, e.g. w4a4,w4a8,w4a16"
         )
     order = [LEVEL_PRECISIONS.index(lv) for lv in levels]
     if any(b <= a for a, b in zip(order, order[1:])):
-        raise ValueError(
+        raise MethodError(
             f"levels {','.join(levels)!r} must go from cheaper to more exact without repeats, "
             "e.g. w4a4,w4a8,w4a16 or w4a4,w4a16"
         )
@@ -75,11 +80,11 @@ def check_tree(tree) -> tr.TreeConfig:
         try:
             tree = tr.TreeConfig.from_branching(tuple(tree))
         except TypeError:
-            raise ValueError(
+            raise MethodError(
                 f"tree {tree!r} is not a list of branching factors such as (4, 2, 1)"
             ) from None
     if tree.depth > MAX_TREE_DEPTH:
-        raise ValueError(f"tree depth must be at most {MAX_TREE_DEPTH}, got {tree.depth}")
+        raise MethodError(f"tree depth must be at most {MAX_TREE_DEPTH}, got {tree.depth}")
     return tree
 
 
@@ -105,13 +110,14 @@ def _tree_forward(params, tokens, cache, base, tree, start, stop, precision, cfg
     return logits, cache.replace(lengths=base)
 
 
-def draft_tree(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
-    """Level 1: drafts the tree depth by depth in `dc.levels[0]`, writing its K/V.
+def draft_tree(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc, m):
+    """Level 1: drafts the tree depth by depth in `m.levels[0]`, writing its K/V.
 
+    `m` is the `HSpec` method (its tree and levels); `dc` the decode config.
     Returns (cache, tokens int32 [batch, N] with tokens[:, 0] = last_token, q_probs float32
     [batch, N, V] the drafter's distribution at each node (None when greedy), key).
     """
-    tree, sc = dc.tree, dc.sampling
+    tree, sc = m.tree, dc.sampling
     b = state.last_token.shape[0]
     base = state.cache.lengths  # [batch]
     tokens = jnp.zeros((b, tree.num_nodes), jnp.int32).at[:, 0].set(state.last_token)
@@ -123,7 +129,7 @@ def draft_tree(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
         ns, ne = tree.depth_slice(d + 1)
         with jax.named_scope(f"draft_depth{d}"):
             logits, cache = _tree_forward(
-                params, tokens[:, s:e], cache, base, tree, s, e, dc.levels[0], cfg, qcfg, dc.impl
+                params, tokens[:, s:e], cache, base, tree, s, e, m.levels[0], cfg, qcfg, dc.impl
             )  # [batch, e - s, V]
             par = parents[ns:ne] - s  # [ne - ns] parent of each child, local to this depth
             rank = tree.child_rank[ns:ne]  # [ne - ns]
@@ -140,14 +146,12 @@ def draft_tree(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
     return cache, tokens, q_probs, key
 
 
-def hspec_step(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
+def hspec_step(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc, m):
     """One hierarchical round: tree draft, tree verify (-> sequence), sequence verify."""
-    from qspec_jax.decoding import loop  # noqa: PLC0415  (loop dispatches here)
-
-    tree, sc, levels = dc.tree, dc.sampling, dc.levels
+    tree, sc, levels = m.tree, dc.sampling, m.levels
     n_nodes, depth = tree.num_nodes, tree.depth
     base = state.cache.lengths  # [batch]
-    cache, tokens, q_probs, key = draft_tree(state, params, cfg, qcfg, dc)
+    cache, tokens, q_probs, key = draft_tree(state, params, cfg, qcfg, dc, m)
 
     with jax.named_scope("verify_tree"):  # level 2 (or the last level with two levels)
         logits2, cache = _tree_forward(
@@ -175,6 +179,12 @@ def hspec_step(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
     if len(levels) == 2:
         cache = tr.compact_path(cache, base, path, n2)
         n, n_emit, proposed = n2, n2 + 1, jnp.full_like(n2, depth)
+        # emitted[:, j] was chosen from the tree verifier's logits at path node j
+        out_logits = None
+        if dc.logprobs:
+            out_logits = jnp.take_along_axis(
+                logits2, jnp.maximum(path, 0)[:, :, None], axis=1
+            )  # [batch, D + 1, V]
     else:
         with jax.named_scope("verify_sequence"):  # level 3, as QSpec's verification
             seq = jnp.concatenate([state.last_token[:, None], emitted], axis=1)  # [batch, D + 2]
@@ -184,7 +194,7 @@ def hspec_step(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
             )  # [batch, D + 2, V]
             key, sub = jax.random.split(key)
             if sc.greedy:
-                n, emitted = loop.accept_greedy(seq, logits3, m[:, None])
+                n, emitted = accept_greedy(seq, logits3, m[:, None])
             else:
                 # q of sequence token i + 1 = level 2's distribution at path node i (i <= n2);
                 # zero rows past the draft make the residual there p itself (the bonus draw)
@@ -194,15 +204,108 @@ def hspec_step(state, params: Params, cfg: LlamaConfig, qcfg: QuantConfig, dc):
                 real = jnp.arange(depth + 1)[None, :, None] < m[:, None, None]
                 q_seq = jnp.where(real, q_seq, 0.0)
                 p3 = filtered_probs(logits3, sc)  # [batch, D + 2, V]
-                n, emitted = loop.accept_sampling(seq, q_seq, p3, sub, m[:, None])
+                n, emitted = accept_sampling(seq, q_seq, p3, sub, m[:, None])
         n_emit, proposed = n + 1, m
+        out_logits = logits3  # emitted[:, j] was chosen from logits3[:, j]
 
     act = (~state.done).astype(jnp.int32)
-    state = state.replace(
-        key=key,
-        draft_proposed=state.draft_proposed + proposed * act,
-        draft_accepted=state.draft_accepted + n * act,
-        tree_accepted=state.tree_accepted + n2 * act,
-        spec_steps=state.spec_steps + 1,
+    carry: HSpecCarry = state.carry
+    carry = carry.replace(
+        draft_proposed=carry.draft_proposed + proposed * act,
+        draft_accepted=carry.draft_accepted + n * act,
+        tree_accepted=carry.tree_accepted + n2 * act,
+        spec_steps=carry.spec_steps + 1,
     )
-    return loop._commit(state, emitted, n_emit, cache, dc)
+    return commit(state.replace(key=key, carry=carry), emitted, n_emit, cache, dc, out_logits)
+
+
+@struct.dataclass
+class HSpecCarry:
+    """What the hierarchy counts.
+
+    Attributes:
+        draft_proposed: int32 [batch], tokens handed to the last level (three levels: the
+            tree verifier's path + 1; two levels: the tree depth) while the sequence was active.
+        draft_accepted: int32 [batch], of those, tokens the last level accepted.
+        tree_accepted: int32 [batch], drafted tokens the tree verifier accepted.
+        spec_steps: int32 [], steps run.
+    """
+
+    draft_proposed: jnp.ndarray
+    draft_accepted: jnp.ndarray
+    tree_accepted: jnp.ndarray
+    spec_steps: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class HSpec(DecodingMethod):
+    """SpecMQuant's hierarchy (arXiv 2505.22179) on one int4 weight copy and one KV cache.
+
+    Attributes:
+        tree: the static draft tree: a `TreeConfig`, branching factors per depth such as
+            (4, 2, 1), or the string "4,2,1".
+        levels: two or three precisions, cheapest first, ending in "w4a16": the tree drafter,
+            (the tree verifier,) the sequence verifier; a tuple or "w4a4,w4a8,w4a16".
+    """
+
+    name: ClassVar[str] = "hspec"
+    summary: ClassVar[str] = (
+        "SpecMQuant's hierarchy: a W4A4 draft tree, verified into a sequence by W4A8, "
+        "verified by W4A16"
+    )
+    kv_caches: ClassVar[tuple[str, ...]] = ("float",)
+
+    tree: Any = (4, 2, 1)
+    levels: tuple[str, ...] = ("w4a4", "w4a8", "w4a16")
+
+    def __post_init__(self):
+        if self.tree is None:
+            raise MethodError("mode 'hspec' needs a draft tree, e.g. tree=(4, 2, 1)")
+        object.__setattr__(self, "tree", check_tree(self.tree))
+        object.__setattr__(self, "levels", check_levels(self.levels))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.tree, self.levels)
+
+    @property
+    def main_precision(self) -> str:
+        return self.levels[-1]
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return self.levels
+
+    @property
+    def draft_precision(self) -> str:
+        return self.levels[0]
+
+    def _cache_refusal(self, kv_cache: str) -> str:
+        return "mode 'hspec' verifies trees, which need kv_cache='float'"
+
+    def init_carry(self, batch: int) -> HSpecCarry:
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return HSpecCarry(zeros, zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def step(self, state, params, cfg, qcfg, dc):
+        return hspec_step(state, params, cfg, qcfg, dc, self)
+
+    def stats(self, carry, rows, generated, verify_steps) -> dict[str, Any]:
+        prop = int(carry.draft_proposed[:rows].sum())
+        acc = int(carry.draft_accepted[:rows].sum())
+        v = verify_steps
+        tree_acc = int(carry.tree_accepted[:rows].sum())
+        return dict(
+            tree=list(self.tree.parents),
+            tree_nodes=self.tree.num_nodes,
+            tree_depth=self.tree.depth,
+            levels=list(self.levels),
+            # drafted tokens the tree verifier kept per step (three levels: W4A8's path)
+            tree_accepted_per_step=tree_acc / v if v else float("nan"),
+            # tokens handed to the last level (three levels: path + 1; two: tree depth)
+            draft_tokens_proposed=prop,
+            draft_tokens_accepted=acc,
+            acceptance_rate=acc / prop if prop else float("nan"),
+            mean_tokens_per_step=(generated - rows) / v if v else float("nan"),
+            verify_steps=v,
+        )
