@@ -27,14 +27,15 @@ On a machine without a GPU the same command runs its dry part: ``env``, ``loweri
 lowering and, where the `triton` package is installed, compilation of the Triton IR to an sm_90
 cubin) and the JSON / markdown writers; the GPU steps are recorded as skipped. CI runs it so.
 
-    python experiments/gpu_check.py [--out DIR] [--steps env,ceilings,...] [--budget-s 540]
+    python -m experiments.gpu_check [--out DIR] [--steps env,ceilings,...] [--budget-s 540]
+
+(the command line is experiments/gpu_check.py; this module is the check, importable by tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -49,10 +50,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from qspec_jax.bench.common import REPO_ROOT, command_line, usage_error, utc_iso
+
+ROOT = str(REPO_ROOT)
 
 SCHEMA_VERSION = 1
 STEPS = ("env", "ceilings", "lowering", "tests", "kernels", "e2e")
@@ -89,8 +89,8 @@ class Report:
     def __post_init__(self):
         self.data = dict(
             schema_version=SCHEMA_VERSION,
-            started_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+            started_utc=utc_iso(),
+            command=command_line(),
             gpu=False,
             steps={},
         )
@@ -700,9 +700,8 @@ def smollm2_engine(gguf_path: str, dtype: str = "bfloat16"):
 
 
 def _step_times(engine, batch: int, gamma: int, capacity: int, filled: int, draft: str) -> dict:
-    """Draft / verify / AR step seconds (`bench_qspec.step_times`) with this check's timer."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    from bench_qspec import step_times
+    """Draft / verify / AR step seconds (`qspec_steps.step_times`) with this check's timer."""
+    from qspec_jax.bench.qspec_steps import step_times
 
     st = step_times(
         engine,
@@ -1035,18 +1034,16 @@ def main(argv=None) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in steps if s not in STEPS]
     if bad:
-        print(
-            f"error: unknown step {bad[0]!r} in --steps; choose from {', '.join(STEPS)}",
-            file=sys.stderr,
-        )
-        return 2
+        return usage_error(f"unknown step {bad[0]!r} in --steps; choose from {', '.join(STEPS)}")
     if args.budget_s <= 0:
-        print("error: --budget-s must be positive", file=sys.stderr)
-        return 2
+        return usage_error("--budget-s must be positive")
 
     gpu = has_gpu() and not args.dry
     report = Report(args.out or (DEFAULT_OUT if gpu else os.path.join(DEFAULT_OUT, "dry")))
     report.data["gpu"] = gpu
+    report.data["command"] = command_line(
+        "experiments.gpu_check", sys.argv[1:] if argv is None else argv
+    )
     t_start = time.perf_counter()
     total_share = sum(SHARES[s] for s in steps)
     carried = 0.0
@@ -1061,9 +1058,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         run_step(report, s, STEP_FNS[s], budget)
         carried = max(0.0, share + carried - (time.perf_counter() - t0))
-    report.data["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"
-    )
+    report.data["finished_utc"] = utc_iso()
     report.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
     problems = validate(report.data)
     report.data["schema_problems"] = problems

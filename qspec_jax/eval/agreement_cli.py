@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Agreement of each mode with the float model on held-out chat prompts (greedy and teacher-forced).
 
 Task scores of SmolLM2-135M are near zero in every mode, so they cannot tell the quantization
@@ -10,9 +9,9 @@ top-1 agreement. It runs fp (float weights) and w4a16, w4a4, w4a8, qspec-w4a8, q
 (one int4 weight copy, --quant), and checks that QSpec's greedy tokens equal W4A16's on every
 prompt (exit status 1, after writing the results, if not).
 
-    python experiments/bench_agreement.py --quant gguf
-    python experiments/bench_agreement.py --quant quarot-rtn --group-size 64
-    python experiments/bench_agreement.py --quant gguf --limit 4 --max-new-tokens 16 --out /tmp/a.json
+    python -m experiments.bench_agreement --quant gguf
+    python -m experiments.bench_agreement --quant quarot-rtn --group-size 64
+    python -m experiments.bench_agreement --quant gguf --limit 4 --max-new-tokens 16 --out /tmp/a.json
 
 Prompts: experiments/data/agreement_prompts.json (68 held-out chat prompts, chat template
 applied); a prompts file may also hold token-id lists (used as is, e.g. for --model tiny).
@@ -25,20 +24,17 @@ tokens the unfinished file holds are not generated again (the teacher-forced pas
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from qspec_jax.eval.cli_support import Parser as _Parser  # noqa: E402
-from qspec_jax.eval.cli_support import UsageProblem, run_cli  # noqa: E402
+from qspec_jax.bench.common import DATA_DIR, REPO_ROOT, RESULTS_DIR, command_line, machine_info
+from qspec_jax.bench.common import utc_iso as _utc
+from qspec_jax.eval.cli_support import Parser as _Parser
+from qspec_jax.eval.cli_support import UsageProblem, run_cli
 
-PROMPTS_FILE = os.path.join(ROOT, "experiments", "data", "agreement_prompts.json")
-OUT_DIR = os.path.join(ROOT, "experiments", "results", "quality")
+ROOT = str(REPO_ROOT)
+PROMPTS_FILE = os.path.join(DATA_DIR, "agreement_prompts.json")
+OUT_DIR = os.path.join(RESULTS_DIR, "quality")
 QUANT_CHOICES = ("gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 EXIT_QSPEC_MISMATCH = 1
 
@@ -151,24 +147,6 @@ def _load_engines(args):
     return fp, q
 
 
-def _utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _machine() -> dict:
-    import jax  # noqa: PLC0415
-
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
-    }
-
-
 def _qconfig(engine):
     import dataclasses  # noqa: PLC0415
 
@@ -246,7 +224,7 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
     ids = fp_engine.encode(prompts, chat=True)  # strings: chat template; id lists: as given
     head = {
         "about": "Agreement of each mode with the float model; definitions in qspec_jax/eval/agreement.py.",
-        "command": "python experiments/bench_agreement.py " + shlex.join(argv),
+        "command": command_line("experiments.bench_agreement", argv),
         "config": {
             "model": args.model,
             "quant": args.quant,
@@ -266,7 +244,7 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
             "eos_token_ids": list(fp_engine.config.eos_token_ids),
             "kl": "KL(fp || mode) in nats, float64 log-softmax on the host from float32 logits",
         },
-        "machine": _machine(),
+        "machine": machine_info(),
         "load_info": {
             "fp": getattr(fp_engine, "load_info", {}),
             "int4": getattr(q_engine, "load_info", {}),

@@ -1,20 +1,19 @@
-#!/usr/bin/env python
 """Evaluate qspec-jax modes on a task: math word problems, HumanEval pass@1 or held-out perplexity.
 
 Examples (small subsets by default: this runs at tens of tokens/s on a 2-core CPU):
 
-    python experiments/run_eval.py --task math --modes w4a16,qspec --limit 2 --max-new-tokens 64
-    python experiments/run_eval.py --task math --modes w4a16,w4a4,qspec --limit 16
-    python experiments/run_eval.py --task humaneval --modes w4a16,w4a4,qspec --limit 8
-    python experiments/run_eval.py --task perplexity --modes w4a16,w4a4,w4a8
-    python experiments/run_eval.py --task math --modes fp --quant none --limit 8
+    python -m experiments.run_eval --task math --modes w4a16,qspec --limit 2 --max-new-tokens 64
+    python -m experiments.run_eval --task math --modes w4a16,w4a4,qspec --limit 16
+    python -m experiments.run_eval --task humaneval --modes w4a16,w4a4,qspec --limit 8
+    python -m experiments.run_eval --task perplexity --modes w4a16,w4a4,w4a8
+    python -m experiments.run_eval --task math --modes fp --quant none --limit 8
 
 Writes <out>/<name>.json (the summary, written atomically), <out>/<name>.partial.jsonl (every
 item as it completes: rerunning the same command resumes), and <out>/<name>.png (score per mode,
 QSpec acceptance annotated), then prints a markdown table for the README.
 
 Multi-host: give each process --process-index i --process-count k, then
-    python experiments/run_eval.py --merge out/a.json out/b.json ... --out out --name merged
+    python -m experiments.run_eval --merge out/a.json out/b.json ... --out out --name merged
 
 Bad arguments print one line to stderr and exit with status 2.
 """
@@ -26,9 +25,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qspec_jax.eval.cli_support import Parser as _Parser  # noqa: E402
-from qspec_jax.eval.cli_support import UsageProblem, run_cli  # noqa: E402
+from qspec_jax.eval.cli_support import Parser as _Parser
+from qspec_jax.eval.cli_support import UsageProblem, run_cli
 
 QUANT_CHOICES = ("none", "gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 DEFAULT_LIMIT = {"math": 8, "humaneval": 4, "perplexity": None}

@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """The evaluation table in one command: perplexity, math and HumanEval for fp, w4a16, w4a4, w4a8
 and QSpec with each draft precision (w4a4, w4a8), greedy.
 
-    python experiments/eval_table.py                                  # everything, all items
-    python experiments/eval_table.py --tasks math --limit 4           # a quick run
-    python experiments/eval_table.py --limit all,humaneval=40 --max-new-tokens 256,humaneval=128
+    python -m experiments.eval_table                                  # everything, all items
+    python -m experiments.eval_table --tasks math --limit 4           # a quick run
+    python -m experiments.eval_table --limit all,humaneval=40 --max-new-tokens 256,humaneval=128
 
 Each (task, engine, draft) is one `qspec_jax.eval.run_eval` run with its own results file under
 <out>/eval_table_<quant>.runs/ (per-item records in a partial JSONL, so rerunning the same command resumes
@@ -21,16 +20,14 @@ with a message. Bad arguments print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
-import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qspec_jax.eval.cli_support import Parser as _Parser  # noqa: E402
-from qspec_jax.eval.cli_support import UsageProblem, run_cli  # noqa: E402
+from qspec_jax.bench.common import command_line, utc_stamp
+from qspec_jax.eval.cli_support import Parser as _Parser
+from qspec_jax.eval.cli_support import UsageProblem, run_cli
 
 INT4_QUANTS = ("gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
@@ -184,7 +181,7 @@ def _load_engine(kind: str, args):
 
 
 def _utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return utc_stamp(seconds=True)
 
 
 def run(args, argv: list[str], load_engine=None) -> int:
@@ -295,7 +292,7 @@ def run(args, argv: list[str], load_engine=None) -> int:
     table["invocations"] = previous + [
         {
             "report_only": bool(args.report_only),
-            "command": "python experiments/eval_table.py " + shlex.join(argv),
+            "command": command_line("experiments.eval_table", argv),
             "started_utc": started,
             "finished_utc": _utc(),
         }
