@@ -41,7 +41,7 @@ EXIT_QSPEC_MISMATCH = 1
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="bench_agreement.py",
+        prog="python -m experiments.bench_agreement",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,25 +105,29 @@ def _check_args(args):
     try:
         modes = check_modes(m.strip() for m in args.modes.split(",") if m.strip())
     except EvalUsageError as e:
-        raise UsageProblem(f"bench_agreement.py: --modes: {e}") from None
+        raise UsageProblem(f"experiments.bench_agreement: --modes: {e}") from None
     for name in ("max_new_tokens", "batch_size", "tf_batch_size", "gamma"):
         if getattr(args, name) < 1:
             raise UsageProblem(
-                f"bench_agreement.py: --{name.replace('_', '-')} must be a positive integer, "
-                f"got {getattr(args, name)}"
+                f"experiments.bench_agreement: --{name.replace('_', '-')} must be a positive "
+                f"integer, got {getattr(args, name)}"
             )
     if args.limit is not None and args.limit < 1:
         raise UsageProblem(
-            f"bench_agreement.py: --limit must be a positive integer, got {args.limit}"
+            f"experiments.bench_agreement: --limit must be a positive integer, got {args.limit}"
         )
     if args.group_size < 0:
-        raise UsageProblem(f"bench_agreement.py: --group-size must be >= 0, got {args.group_size}")
+        raise UsageProblem(
+            f"experiments.bench_agreement: --group-size must be >= 0, got {args.group_size}"
+        )
     prompts, sha = load_prompts(args.prompts)
     if args.limit is not None:
         prompts = prompts[: args.limit]
     out = os.path.abspath(args.out or default_out(args))
     if not out.endswith(".json"):
-        raise UsageProblem(f"bench_agreement.py: --out must name a .json file, got {args.out}")
+        raise UsageProblem(
+            f"experiments.bench_agreement: --out must name a .json file, got {args.out}"
+        )
     d = os.path.dirname(out)
     try:
         os.makedirs(d, exist_ok=True)
@@ -131,7 +135,7 @@ def _check_args(args):
             raise PermissionError(13, "permission denied")
     except OSError as e:
         raise UsageProblem(
-            f"bench_agreement.py: cannot write results to {d} ({e.strerror or e})"
+            f"experiments.bench_agreement: cannot write results to {d} ({e.strerror or e})"
         ) from None
     return modes, prompts, sha, out
 
@@ -181,8 +185,8 @@ def _partial_to_resume(out: str, config: dict) -> dict | None:
         return None
     if old.get("config") != json.loads(json.dumps(config)):
         raise UsageProblem(
-            f"bench_agreement.py: {out} holds unfinished results of another configuration: "
-            "pass the same options to resume, or delete it to start over"
+            f"experiments.bench_agreement: {out} holds unfinished results of another "
+            "configuration: pass the same options to resume, or delete it to start over"
         )
     return old
 
@@ -197,9 +201,13 @@ def replot(path: str) -> int:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageProblem(f"bench_agreement.py: cannot read results {path} ({e})") from None
+        raise UsageProblem(
+            f"experiments.bench_agreement: cannot read results {path} ({e})"
+        ) from None
     if not isinstance(doc, dict) or not doc.get("complete") or "summary" not in doc:
-        raise UsageProblem(f"bench_agreement.py: {path} is not a complete agreement results file")
+        raise UsageProblem(
+            f"experiments.bench_agreement: {path} is not a complete agreement results file"
+        )
     png = path[:-5] + ".png" if path.endswith(".json") else path + ".png"
     plot_agreement(doc["summary"], png, _title(doc["config"]))
     print(markdown_table(doc["summary"], doc.get("generation")))
@@ -300,8 +308,8 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
     print(f"\nresults: {out}" + ("" if args.no_plot else f"\nplot: {png}"))
     if bad:
         print(
-            "bench_agreement.py: FAILED: greedy QSpec must equal greedy W4A16 on every prompt, but "
-            + "; ".join(f"{m} differs on prompts {v}" for m, v in bad.items()),
+            "experiments.bench_agreement: FAILED: greedy QSpec must equal greedy W4A16 on every "
+            "prompt, but " + "; ".join(f"{m} differs on prompts {v}" for m, v in bad.items()),
             file=sys.stderr,
         )
         return EXIT_QSPEC_MISMATCH
@@ -311,7 +319,8 @@ def run(args, load_engines=None, argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None, load_engines=None) -> int:
     """Entry point; `load_engines(args) -> (fp_engine, int4_engine)` replaces model loading."""
     return run_cli(
-        "bench_agreement.py", lambda: run(build_parser().parse_args(argv), load_engines, argv)
+        "experiments.bench_agreement",
+        lambda: run(build_parser().parse_args(argv), load_engines, argv),
     )
 
 

@@ -43,7 +43,7 @@ def _limit(s: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run_eval.py", description=__doc__,
+    p = _Parser(prog="python -m experiments.run_eval", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("math", "humaneval", "perplexity"), default="math")
     p.add_argument("--modes", default=None,
@@ -124,7 +124,7 @@ def run(args, load_engine=None) -> int:
     if args.modes is None:
         args.modes = "fp" if args.quant == "none" else "w4a16,w4a4,qspec"
     if args.group_size < 0:
-        raise UsageProblem(f"run_eval.py: --group-size must be >= 0, got {args.group_size}")
+        raise UsageProblem(f"experiments.run_eval: --group-size must be >= 0, got {args.group_size}")
     path = os.path.join(args.out, (args.name or default_name(args)) + ".json")
     modes, path = check_eval_args(
         args.task, args.modes, args.limit, args.max_new_tokens, args.gamma, path,
@@ -133,11 +133,11 @@ def run(args, load_engine=None) -> int:
     )
     wants_fp = "fp" in modes
     if wants_fp and args.quant != "none":
-        raise UsageProblem("run_eval.py: mode fp needs float weights: pass --quant none (and evaluate int4 modes in another run)")
+        raise UsageProblem("experiments.run_eval: mode fp needs float weights: pass --quant none (and evaluate int4 modes in another run)")
     if not wants_fp and args.quant == "none":
-        raise UsageProblem(f"run_eval.py: modes {','.join(modes)} need int4 weights: pass --quant (e.g. quarot-rtn)")
+        raise UsageProblem(f"experiments.run_eval: modes {','.join(modes)} need int4 weights: pass --quant (e.g. quarot-rtn)")
     if args.exec_timeout <= 0:
-        raise UsageProblem(f"run_eval.py: --exec-timeout must be > 0, got {args.exec_timeout}")
+        raise UsageProblem(f"experiments.run_eval: --exec-timeout must be > 0, got {args.exec_timeout}")
 
     engine = (load_engine or _load_engine)(args)
     summary = run_eval(
@@ -154,7 +154,7 @@ def run(args, load_engine=None) -> int:
 def main(argv: list[str] | None = None, load_engine=None) -> int:
     """Entry point; `load_engine(args) -> engine` replaces model loading (tests use a fake engine)."""
     return run_cli(
-        "run_eval.py", lambda: run(build_parser().parse_args(argv), load_engine), resumable=True
+        "experiments.run_eval", lambda: run(build_parser().parse_args(argv), load_engine), resumable=True
     )
 
 

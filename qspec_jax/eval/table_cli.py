@@ -34,7 +34,7 @@ INT4_QUANTS = ("gguf", "rtn", "gptq", "quarot-rtn", "quarot-gptq")
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="eval_table.py",
+        prog="python -m experiments.eval_table",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -141,7 +141,8 @@ def check_args(args):
     for t in (x.strip() for x in args.tasks.split(",")):
         if t not in TABLE_TASKS:
             raise UsageProblem(
-                f"eval_table.py: unknown task {t!r} in --tasks: choose from {', '.join(TABLE_TASKS)}"
+                f"experiments.eval_table: unknown task {t!r} in --tasks: "
+                f"choose from {', '.join(TABLE_TASKS)}"
             )
         if t not in tasks:
             tasks.append(t)
@@ -152,7 +153,7 @@ def check_args(args):
             args.max_new_tokens, tasks, "--max-new-tokens", allow_all=False, default=256
         )
     except ValueError as e:
-        raise UsageProblem(f"eval_table.py: {e}") from None
+        raise UsageProblem(f"experiments.eval_table: {e}") from None
     for name, v, lo in (
         ("--gamma", args.gamma, 1),
         ("--batch-size", args.batch_size, 1),
@@ -160,14 +161,20 @@ def check_args(args):
         ("--group-size", args.group_size, 0),
     ):
         if v < lo:
-            raise UsageProblem(f"eval_table.py: {name} must be >= {lo}, got {v}")
+            raise UsageProblem(f"experiments.eval_table: {name} must be >= {lo}, got {v}")
     if args.gamma > MAX_GAMMA:
-        raise UsageProblem(f"eval_table.py: --gamma must be <= {MAX_GAMMA}, got {args.gamma}")
+        raise UsageProblem(
+            f"experiments.eval_table: --gamma must be <= {MAX_GAMMA}, got {args.gamma}"
+        )
     if not args.exec_timeout > 0:
-        raise UsageProblem(f"eval_table.py: --exec-timeout must be > 0, got {args.exec_timeout}")
+        raise UsageProblem(
+            f"experiments.eval_table: --exec-timeout must be > 0, got {args.exec_timeout}"
+        )
     name = args.name or default_name(args, limits)
     if not name or os.sep in name or name in (".", ".."):
-        raise UsageProblem(f"eval_table.py: --name must be a plain file stem, got {name!r}")
+        raise UsageProblem(
+            f"experiments.eval_table: --name must be a plain file stem, got {name!r}"
+        )
     return tasks, limits, name, args.name or base_name(args)
 
 
@@ -218,14 +225,16 @@ def run(args, argv: list[str], load_engine=None) -> int:
         check_resume(r, expected)
     summary_path = os.path.join(out, name + ".json")
     if os.path.isdir(summary_path):
-        raise UsageProblem(f"eval_table.py: {summary_path} is a directory: choose another --name")
+        raise UsageProblem(
+            f"experiments.eval_table: {summary_path} is a directory: choose another --name"
+        )
 
     skipped = {}
     if "humaneval" in tasks:
         why = humaneval_missing()
         if why is not None:
             skipped["humaneval"] = f"skipped: {why}"
-            print(f"eval_table.py: HumanEval skipped: {why}", file=sys.stderr)
+            print(f"experiments.eval_table: HumanEval skipped: {why}", file=sys.stderr)
             runs = [r for r in runs if r.task != "humaneval"]
 
     previous = []
@@ -315,7 +324,7 @@ def run(args, argv: list[str], load_engine=None) -> int:
     )
     if table["qspec_equality_violations"]:
         print(
-            "eval_table.py: greedy QSpec differs from W4A16 in "
+            "experiments.eval_table: greedy QSpec differs from W4A16 in "
             + ", ".join(table["qspec_equality_violations"]),
             file=sys.stderr,
         )
@@ -327,7 +336,7 @@ def main(argv: list[str] | None = None, load_engine=None) -> int:
     """Entry point; `load_engine(kind, args) -> engine` ("fp" or "int4") replaces model loading."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_cli(
-        "eval_table.py",
+        "experiments.eval_table",
         lambda: run(build_parser().parse_args(argv), argv, load_engine),
         resumable=True,
     )
