@@ -193,7 +193,9 @@ def describe(meta: dict[str, Any]) -> str:
         if isinstance(m, dict)
         else str(m)
     )
-    return f"{meta['date']}, {where}, load {meta.get('load_average')}: `{meta['command']}`"
+    load = meta.get("load_average")
+    load = " ".join(f"{x:.2f}" for x in load) if load else "unknown"
+    return f"{meta['date']}, {where}, load {load}: `{meta['command']}`"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
