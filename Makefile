@@ -28,12 +28,12 @@ test: $(STAMP)
 gpu-check:
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 	  if python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then \
-	    PYTHONPATH="$(CURDIR):$$PYTHONPATH" python3 experiments/gpu_check.py $(GPU_CHECK_ARGS); \
+	    PYTHONPATH="$(CURDIR):$$PYTHONPATH" python3 -m experiments.gpu_check $(GPU_CHECK_ARGS); \
 	  else \
-	    $(MAKE) setup && $(BIN)/pip install -q -e '.[gpu]' && $(BIN)/python experiments/gpu_check.py $(GPU_CHECK_ARGS); \
+	    $(MAKE) setup && $(BIN)/pip install -q -e '.[gpu]' && $(BIN)/python -m experiments.gpu_check $(GPU_CHECK_ARGS); \
 	  fi; \
 	else \
-	  $(MAKE) setup && $(BIN)/python experiments/gpu_check.py --dry $(GPU_CHECK_ARGS); \
+	  $(MAKE) setup && $(BIN)/python -m experiments.gpu_check --dry $(GPU_CHECK_ARGS); \
 	fi
 
 lint: $(STAMP)

@@ -10,7 +10,7 @@ greedy is exact). The prompts run as one batch: on CPU every row of every kernel
 independently of the others (tests/test_decoding.py), so each prompt's tokens and acceptance
 are those of a batch-1 run.
 
-    python experiments/bench_acceptance.py [--quants gguf,quarot-rtn] [--drafts w4a4,w4a8]
+    python -m experiments.bench_acceptance [--quants gguf,quarot-rtn] [--drafts w4a4,w4a8]
         [--gammas 1,2,3,4,5,6] [--new-tokens 96] [--group-size 64]
 
 Writes experiments/results/quality/acceptance.json (atomically, after every row) and acceptance.png.
@@ -24,17 +24,18 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS_FILE = os.path.join(ROOT, "experiments", "data", "heldout_prompts.json")
-OUT = os.path.join(ROOT, "experiments", "results", "quality", "acceptance.json")
+from qspec_jax.bench.common import (
+    DATA_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    int_list,
+    run_meta,
+    usage_error,
+    write_json,
+)
 
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise SystemExit(f"error: {what} takes comma-separated integers, got {text!r}") from None
+PROMPTS_FILE = os.path.join(DATA_DIR, "heldout_prompts.json")
+OUT = os.path.join(RESULTS_DIR, "quality", "acceptance.json")
 
 
 def main(argv=None) -> int:
@@ -46,17 +47,20 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64, help="for the re-quantizing methods")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
-    gammas = _ints(args.gammas, "--gammas")
+    try:
+        gammas = int_list(args.gammas)
+    except ValueError:
+        return usage_error(f"--gammas takes comma-separated integers, got {args.gammas!r}")
     drafts = [d for d in args.drafts.split(",") if d]
     if any(d not in ("w4a4", "w4a8") for d in drafts):
-        print(f"error: --drafts takes w4a4 and/or w4a8, got {args.drafts!r}", file=sys.stderr)
-        return 2
+        return usage_error(f"--drafts takes w4a4 and/or w4a8, got {args.drafts!r}")
 
     import qspec_jax
 
     with open(PROMPTS_FILE) as f:
         prompts = json.load(f)["prompts"]
     results = []
+    started = time.time()
     for quant in [q for q in args.quants.split(",") if q]:
         t0 = time.time()
         eng = qspec_jax.load("smollm2-135m", quant=quant, group_size=args.group_size, progress=False)
@@ -76,25 +80,21 @@ def main(argv=None) -> int:
                            same_as_w4a16=sum(a == b for a, b in zip(r.tokens, ref.tokens)),
                            tokens=s["tokens_generated"])
                 results.append(row)
-                _write(args.out, results, args.new_tokens)  # after every row: a stop keeps them
+                _write(args.out, results, args.new_tokens, started)  # after every row: a stop keeps them
                 print(f"  {quant} draft {draft} γ={g}: acceptance {row['acceptance']:.3f}, "
                       f"{row['tokens_per_step']:.2f} tokens/step, same as W4A16 "
                       f"{row['same_as_w4a16']}/{len(ids)}", flush=True)
-    _write(args.out, results, args.new_tokens)
+    _write(args.out, results, args.new_tokens, started)
     _plot(results, args.out[:-5] + ".png")
     print(f"wrote {args.out}")
     return 0
 
 
-def _write(path, results, new_tokens):
-    """Writes the results so far atomically (temp file + rename)."""
-    doc = dict(command=" ".join(["python"] + sys.argv), new_tokens=new_tokens,
-               prompts_file=os.path.relpath(PROMPTS_FILE, ROOT), results=results)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+def _write(path, results, new_tokens, started):
+    """Writes the results so far atomically, with the run's metadata (`run_meta`)."""
+    doc = dict(**run_meta(started), new_tokens=new_tokens,
+               prompts_file=os.path.relpath(PROMPTS_FILE, REPO_ROOT), results=results)
+    write_json(path, doc)
 
 
 def _plot(results, path):

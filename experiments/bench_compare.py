@@ -24,7 +24,7 @@ llama.cpp's CPU Q4_1 matmul quantizes the activations to 8 bits in blocks of 32 
 activation scales, not to ``w4a16``; the table reports how many of llama.cpp's greedy tokens
 match each engine mode's (mean matching prefix).
 
-    python experiments/bench_compare.py [--batches 1,8] [--gammas 3] [--rounds 3] [--reps 3]
+    python -m experiments.bench_compare [--batches 1,8] [--gammas 3] [--rounds 3] [--reps 3]
 
 Writes experiments/results/bench_compare.json and prints a markdown table.
 """
@@ -33,26 +33,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-PROMPTS = [
-    "Explain in a few sentences why the sky is blue.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "List three differences between lists and tuples in Python.",
-    "Write a haiku about autumn leaves.",
-    "Describe the water cycle for a ten-year-old.",
-    "Why do cats purr?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do vaccines train the immune system?",
-]
+from qspec_jax.bench.common import (
+    COMPARE_PROMPTS,
+    batch_prompts,
+    describe,
+    int_list,
+    left_padded,
+    median_wall,
+    run_meta,
+    usage_error,
+    write_json,
+)
 
 
 class LlamaCppRunner:
@@ -149,35 +146,27 @@ def main() -> int:
     ap.add_argument("--out", default="experiments/results/bench_compare.json")
     args = ap.parse_args()
     try:
-        batches = [int(x) for x in args.batches.split(",")]
-        gammas = [int(x) for x in args.gammas.split(",") if x]
+        batches, gammas = int_list(args.batches), int_list(args.gammas)
         modes = [m for m in args.modes.split(",") if m]
         if min(batches) < 1 or min(gammas, default=1) < 1 or min(args.rounds, args.reps) < 1:
             raise ValueError
         if not 1 <= args.short < args.long:
             raise ValueError
     except ValueError:
-        print(
-            "error: --batches/--gammas take comma-separated positive integers, --rounds/--reps "
-            "are positive and 1 <= --short < --long",
-            file=sys.stderr,
+        return usage_error(
+            "--batches/--gammas take comma-separated positive integers, --rounds/--reps "
+            "are positive and 1 <= --short < --long"
         )
-        return 2
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            print(
-                "error: llama-cpp-python is not installed; install the compare extra "
-                "(pip install -e '.[compare]') or pass --no-llama-cpp",
-                file=sys.stderr,
+            return usage_error(
+                "llama-cpp-python is not installed; install the compare extra "
+                "(pip install -e '.[compare]') or pass --no-llama-cpp"
             )
-            return 2
-
-    import jax
 
     import qspec_jax
-    from qspec_jax.eval.harness import write_json_atomic
     from qspec_jax.loading import embedded_gguf_path
 
     path = embedded_gguf_path()
@@ -197,8 +186,7 @@ def main() -> int:
     rows = []
     t_start = time.time()
     for b in batches:
-        prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
-        ids = q.encode(prompts, chat=True)
+        ids = q.encode(batch_prompts(COMPARE_PROMPTS, b), chat=True)
         runners: dict[str, object] = {}
         for m in modes:
             eng = fp if m == "fp" else q
@@ -212,12 +200,7 @@ def main() -> int:
                 ).tokens
             )
         if hf is not None:
-            longest = max(len(i) for i in ids)  # left-padded batch
-            x = torch.full((b, longest), pad, dtype=torch.long)
-            mask = torch.zeros((b, longest), dtype=torch.long)
-            for r, i in enumerate(ids):
-                x[r, longest - len(i) :] = torch.tensor(i)
-                mask[r, longest - len(i) :] = 1
+            x, mask, longest = left_padded(ids, pad)  # [b, longest] each
 
             def hf_run(n, x=x, mask=mask, longest=longest):
                 with torch.no_grad():
@@ -239,14 +222,9 @@ def main() -> int:
         per_round: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(args.rounds):
             for name, fn in runners.items():  # alternating: drifts hit every runner
-                walls = {}
-                for n in (n_short, n_long):
-                    ts = []
-                    for _ in range(args.reps):
-                        t0 = time.perf_counter()
-                        fn(n)
-                        ts.append(time.perf_counter() - t0)
-                    walls[n] = statistics.median(ts)
+                walls = {
+                    n: median_wall(lambda fn=fn, n=n: fn(n), args.reps) for n in (n_short, n_long)
+                }
                 per_round[name].append((walls[n_long] - walls[n_short]) / (n_long - n_short))
         ref = tokens.get("w4a16")
         base_runs = per_round.get("w4a16")
@@ -274,12 +252,8 @@ def main() -> int:
         if llama is not None:
             llama.close()
 
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        seconds=time.time() - t_start,
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
-        jax=jax.__version__,
+    meta = run_meta(
+        t_start,
         torch_threads=torch.get_num_threads() if torch is not None else None,
         llama_cpp=None if args.no_llama_cpp else __import__("llama_cpp").__version__,
         llama_threads=None if args.no_llama_cpp else args.threads,
@@ -287,11 +261,9 @@ def main() -> int:
         long=n_long,
         rounds=args.rounds,
         reps=args.reps,
-        loadavg_at_end=os.getloadavg(),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, rows=rows))
-    print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
+    write_json(args.out, dict(meta=meta, rows=rows))
+    print(f"\n{describe(meta)}\n")
     print(
         "| batch | runner | ms / step | decode tokens/s | vs llama.cpp | vs w4a16 | "
         "prefix = w4a16 | prefix = w4a8 | QSpec == W4A16 |"

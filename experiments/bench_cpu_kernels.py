@@ -12,7 +12,7 @@ reported, with every mode's ratio to
 W4A16 on the same implementation. QSpec's tokens are checked against W4A16's on the same
 implementation (they must be identical). Quantization: the shipped GGUF's codes (quant="gguf").
 
-    python experiments/bench_cpu_kernels.py [--batches 1,8] [--gammas 1,3] [--rounds 3]
+    python -m experiments.bench_cpu_kernels [--batches 1,8] [--gammas 1,3] [--rounds 3]
 
 Writes experiments/results/bench_cpu_kernels.json and prints a markdown table.
 """
@@ -21,21 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qspec_jax.bench.common import (
+    COMPARE_PROMPTS,
+    batch_prompts,
+    describe,
+    int_list,
+    run_meta,
+    usage_error,
+    write_json,
+)
 
-PROMPTS = [
-    "Explain in a few sentences why the sky is blue.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "List three differences between lists and tuples in Python.",
-    "Write a haiku about autumn leaves.",
-]
+PROMPTS = COMPARE_PROMPTS[:4]
 IMPLS = ("xla", "cpu", "cpu-f32head")  # the last: CPU matmul kernels, float32 XLA head
 
 
@@ -51,30 +51,23 @@ def main() -> int:
     ap.add_argument("--out", default="experiments/results/bench_cpu_kernels.json")
     args = ap.parse_args()
     try:
-        batches = [int(x) for x in args.batches.split(",")]
-        gammas = [int(x) for x in args.gammas.split(",")]
+        batches, gammas = int_list(args.batches), int_list(args.gammas)
         impls = tuple(args.impls.split(","))
         if min(args.rounds, args.reps) < 1 or min(batches) < 1 or min(gammas) < 1:
             raise ValueError
         if not impls or not set(impls) <= set(IMPLS) or "cpu" not in impls:
             raise ValueError
     except ValueError:
-        print(
-            "error: --batches and --gammas take comma-separated positive integers, --rounds and "
-            f"--reps >= 1, --impls a subset of {','.join(IMPLS)} that includes cpu",
-            file=sys.stderr,
+        return usage_error(
+            "--batches and --gammas take comma-separated positive integers, --rounds and "
+            f"--reps >= 1, --impls a subset of {','.join(IMPLS)} that includes cpu"
         )
-        return 2
 
     import qspec_jax
     from pallas_kernels import cpu_kernels
-    from qspec_jax.eval.harness import write_json_atomic
 
     if not cpu_kernels.available():
-        print(
-            f"error: CPU kernels unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr
-        )
-        return 2
+        return usage_error(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
     eng = qspec_jax.load("smollm2-135m", quant="gguf")
     fp = qspec_jax.load("smollm2-135m")
     with_head = {id(e): e.params for e in (eng, fp)}
@@ -85,7 +78,7 @@ def main() -> int:
     t_start = time.time()
     results = []
     for b in batches:
-        ids = eng.encode((PROMPTS * b)[:b], chat=True)
+        ids = eng.encode(batch_prompts(PROMPTS, b), chat=True)
         times: dict[tuple, list[float]] = {}
         info: dict[tuple, dict] = {}
         for rnd in range(args.rounds):
@@ -136,19 +129,9 @@ def main() -> int:
                 )
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs_ms"}), flush=True)
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
-        seconds=time.time() - t_start,
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-        load_average=os.getloadavg(),
-        quant=str(eng.qconfig),
-    )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, results=results))
-    print(
-        f"\n{meta['date']}, {meta['machine']}, load {meta['load_average']}: `{meta['command']}`\n"
-    )
+    meta = run_meta(t_start, quant=str(eng.qconfig))
+    write_json(args.out, dict(meta=meta, results=results))
+    print(f"\n{describe(meta)}\n")
     print(
         "| batch | mode | XLA path ms/token | CPU kernels, float32 head | CPU kernels + int8 head "
         "| kernels vs XLA | kernels: vs W4A16 | QSpec acceptance | QSpec == W4A16 (kernels / "

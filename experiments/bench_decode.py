@@ -6,30 +6,27 @@ compilation excluded: the engine's function is compiled and warmed up first); --
 runs per side, alternating, and the median is reported. Prints a markdown
 table with the ratio and writes experiments/results/bench_decode.json.
 
-    python experiments/bench_decode.py [--new-tokens 64] [--batches 1,8]
+    python -m experiments.bench_decode [--new-tokens 64] [--batches 1,8]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a refrigerator works.",
-    "What are the main causes of the French Revolution?",
-    "Describe the water cycle for a ten-year-old.",
-    "Give three tips for writing clean Python code.",
-    "Why do cats purr?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do vaccines train the immune system?",
-]
+from qspec_jax.bench.common import (
+    DECODE_PROMPTS,
+    batch_prompts,
+    describe,
+    int_list,
+    left_padded,
+    run_meta,
+    usage_error,
+    write_json,
+)
 
 
 def main() -> int:
@@ -40,16 +37,14 @@ def main() -> int:
     ap.add_argument("--out", default="experiments/results/bench_decode.json")
     args = ap.parse_args()
     try:
-        batches = [int(b) for b in args.batches.split(",")]
+        batches = int_list(args.batches)
     except ValueError:
-        print(f"error: --batches must be comma-separated integers, got {args.batches!r}", file=sys.stderr)
-        return 2
+        return usage_error(f"--batches must be comma-separated integers, got {args.batches!r}")
 
     import torch
     from transformers import AutoModelForCausalLM
 
     import qspec_jax
-    from qspec_jax.eval.harness import write_json_atomic
     from qspec_jax.loading import embedded_gguf_path
 
     engine = qspec_jax.load("smollm2-135m")
@@ -61,18 +56,12 @@ def main() -> int:
 
     rows = []
     for b in batches:
-        prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
-        ids = engine.encode(prompts, chat=True)
+        ids = engine.encode(batch_prompts(DECODE_PROMPTS, b), chat=True)
         compile_s = engine.generate(  # the first call compiles (or reads the disk cache)
             ids, mode="fp", max_new_tokens=args.new_tokens, ignore_eos=True
         ).stats["compile_s"]
 
-        longest = max(len(i) for i in ids)  # left-padded batch for transformers
-        x = torch.full((b, longest), pad, dtype=torch.long)
-        mask = torch.zeros((b, longest), dtype=torch.long)
-        for r, i in enumerate(ids):
-            x[r, longest - len(i):] = torch.tensor(i)
-            mask[r, longest - len(i):] = 1
+        x, mask, longest = left_padded(ids, pad)  # [b, longest] each, for transformers
         with torch.no_grad():
             hf.generate(x, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                         pad_token_id=pad)  # warm up
@@ -93,18 +82,11 @@ def main() -> int:
                          qspec_jax_runs=ours_runs, transformers_runs=theirs_runs,
                          same_tokens=f"{same}/{b}", compile_s=compile_s))
 
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        torch_threads=torch.get_num_threads(),
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        loadavg_at_end=os.getloadavg(),
+    meta = run_meta(
+        torch_threads=torch.get_num_threads(), new_tokens=args.new_tokens, repeats=args.repeats
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, rows=rows))
-    print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
+    write_json(args.out, dict(meta=meta, rows=rows))
+    print(f"\n{describe(meta)}\n")
     print("| batch | qspec-jax fp32 tok/s | transformers fp32 tok/s | ratio | same tokens |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -12,7 +12,7 @@ Per run: the process's wall time (start to exit, Python and JAX import included)
 generation's `stats["compile_s"]` and `compile_source` from `--json`. `--repeats` runs of the
 warm states (median reported); the cold state runs once per repeat in a new directory.
 
-    python experiments/bench_first_call.py [--mode qspec] [--max-new-tokens 16] [--repeats 3]
+    python -m experiments.bench_first_call [--mode qspec] [--max-new-tokens 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from qspec_jax.eval.harness import write_json_atomic
+from qspec_jax.bench.common import describe, run_meta, usage_error, write_json
 
 
 def run_once(cache_dir: str, args) -> dict:
@@ -64,8 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="experiments/results/bench_first_call.json")
     args = ap.parse_args(argv)
     if args.repeats < 1:
-        print(f"error: --repeats must be at least 1, got {args.repeats}", file=sys.stderr)
-        return 2
+        return usage_error(f"--repeats must be at least 1, got {args.repeats}")
 
     runs = {"cold": [], "quant-warm": [], "warm": []}
     for r in range(args.repeats):
@@ -88,16 +86,9 @@ def main(argv=None) -> int:
         )
         for k, v in runs.items()
     }
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        loadavg_at_end=os.getloadavg(),
-        settings=vars(args),
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, summary=summary, runs=runs))
-    print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
+    meta = run_meta(settings=vars(args))
+    write_json(args.out, dict(meta=meta, summary=summary, runs=runs))
+    print(f"\n{describe(meta)}\n")
     print("| caches | process wall s (median) | compile_s (median) | program from |")
     print("|---|---:|---:|---|")
     for k, v in summary.items():

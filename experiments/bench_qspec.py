@@ -8,153 +8,26 @@ the speedup measured end to end (the gap is the engine's own overhead); and an H
 projection of the same steps, clearly a projection, not a measurement. Exactly N new tokens per
 prompt (EOS ignored), greedy. Writes experiments/results/bench_qspec.json and PNG plots.
 
-    python experiments/bench_qspec.py [--quant quarot-rtn] [--group-size 64] [--batches 1,4,16]
+    python -m experiments.bench_qspec [--quant quarot-rtn] [--group-size 64] [--batches 1,4,16]
         [--gammas 1,2,3,4,5,6] [--new-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether? Think step by step.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Explain in a few sentences why the sky is blue.",
-    "A train travels 60 km per hour for 3 hours and then 40 km per hour for 2 hours. How far does it go?",
-    "List three differences between lists and tuples in Python.",
-    "What is the boiling point of water at sea level, in Celsius and Fahrenheit?",
-    "Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many are left?",
-    "Write a haiku about autumn leaves.",
-]
-
-# H100 SXM peak figures (dense): HBM bandwidth, bf16 and int8 tensor-core rates.
-H100 = dict(bw=3.35e12, bf16=989e12, int8=1979e12)
-
-
-def _median_time(fn, *args, reps=10):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def loop_time(fwd, params, cache, toks, *extra, iters=(2, 6), timer=None):
-    """Seconds of one `fwd` call inside a `lax.fori_loop`, the way the engine runs its steps.
-
-    XLA hoists work that depends only on the weights out of a loop: on CPU the XLA path unpacks
-    (W4A16: dequantizes) the int4 weights once before the engine's while_loop and reads that copy
-    every step, so a forward jitted alone pays per call what the engine pays per generate call
-    (measured: W4A16 forward alone 616 ms, in a loop 179 ms; README, profile table). Here each
-    iteration's tokens are the previous iteration's argmax and the cache is carried, so nothing
-    but weight-only work can leave the loop; the result is (T(i2) - T(i1)) / (i2 - i1) for loops
-    of i1 and i2 iterations, so the hoisted work and the call overhead cancel.
-
-    Args:
-        fwd: (params, cache, toks, *extra) -> (logits [batch, t, V] or [batch, V], cache).
-        params, cache, toks, extra: its arguments (toks int32 [batch, t]).
-        iters: the two loop lengths.
-        timer: timer(fn, *args) -> seconds (default `_median_time`).
-
-    Returns:
-        Seconds per iteration (median-based; may be noisy on a loaded machine).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def run(n, p, c, t, *e):  # n is traced: one program serves both loop lengths
-        def body(_, carry):
-            c, t = carry
-            logits, c = fwd(p, c, t, *e)
-            nxt = jnp.argmax(logits.reshape(t.shape[0], -1, logits.shape[-1])[:, -1], -1)
-            return c, jnp.broadcast_to(nxt.astype(t.dtype)[:, None], t.shape)
-
-        return jax.lax.fori_loop(0, n, body, (c, t))[1]
-
-    looped = jax.jit(run)
-    timer = timer or _median_time
-    lo, hi = (timer(looped, jnp.int32(n), params, cache, toks, *extra) for n in iters)
-    return (hi - lo) / (iters[1] - iters[0])
-
-
-def step_times(engine, batch, gamma, capacity, filled, draft="w4a4", timer=None, in_loop=True):
-    """Median seconds of one draft (`draft`, 1 token), verify (w4a16, gamma+1) and AR (w4a16, 1)
-    step; `timer(fn, *args)` -> seconds (default: host-synchronized medians, `_median_time`).
-    With `in_loop` (default) each step is timed inside a fori_loop (`loop_time`), as the engine
-    runs it; else jitted alone (on CPU that re-dequantizes the weights every call)."""
-    import jax
-    import jax.numpy as jnp
-
-    from qspec_jax.cache import KVCache, set_lengths
-    from qspec_jax.model.llama import forward
-
-    cfg, qcfg = engine.config, engine.qconfig
-    cache = set_lengths(KVCache.init(cfg, batch, capacity), jnp.full((batch,), filled, jnp.int32))
-    last = jnp.zeros((batch,), jnp.int32)
-
-    def fwd(precision, rows):
-        def f(p, c, t):
-            return forward(p, t, c, cfg, qcfg, precision, logits_index=last if rows else None)
-
-        return f
-
-    t1 = jnp.ones((batch, 1), jnp.int32)
-    tg = jnp.ones((batch, gamma + 1), jnp.int32)
-    timer = timer or _median_time
-    if in_loop:
-        return dict(
-            draft=loop_time(fwd(draft, True), engine.params, cache, t1, timer=timer),
-            verify=loop_time(fwd("w4a16", False), engine.params, cache, tg, timer=timer),
-            ar=loop_time(fwd("w4a16", True), engine.params, cache, t1, timer=timer),
-        )
-    alone = {
-        k: jax.jit(lambda p, c, t, f=f: f(p, c, t)[0])
-        for k, f in (
-            ("draft", fwd(draft, True)),
-            ("verify", fwd("w4a16", False)),
-            ("ar", fwd("w4a16", True)),
-        )
-    }
-    return dict(
-        draft=timer(alone["draft"], engine.params, cache, t1),
-        verify=timer(alone["verify"], engine.params, cache, tg),
-        ar=timer(alone["ar"], engine.params, cache, t1),
-    )
-
-
-def roofline_step(cfg, group_size, tokens, ctx, act_bits):
-    """Projected H100 seconds of one forward over `tokens` rows (batch * positions).
-
-    Bytes: packed int4 linear weights + bf16 scales, bf16 LM head, bf16 KV cache read per
-    sequence. FLOPs: 2 per weight per row. Linear FLOPs run at the int8 rate for act_bits <= 8
-    (W4A4 as int4 values in int8 MMA: Hopper has no int4 MMA) and at the bf16 rate for W4A16;
-    the LM head and attention at bf16. t = max(bytes / bandwidth, sum of flops / rates). Kernel
-    launch overheads and dequantization work are ignored, so this is a lower bound.
-    """
-    d, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    lin = n_layers * (d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 2 * d * f + f * d)
-    g = group_size or d
-    weight_bytes = lin / 2 + lin / g * 2 + d * cfg.vocab_size * 2
-    kv_bytes = 2 * n_layers * ctx * cfg.kv_size * 2 * tokens["batch"]
-    rows = tokens["batch"] * tokens["positions"]
-    lin_flops = 2 * lin * rows
-    other_flops = 2 * d * cfg.vocab_size * rows + 4 * n_layers * ctx * cfg.q_size * rows
-    lin_rate = H100["int8"] if act_bits <= 8 else H100["bf16"]
-    compute = lin_flops / lin_rate + other_flops / H100["bf16"]
-    return max((weight_bytes + kv_bytes) / H100["bw"], compute)
+from qspec_jax.bench.common import (
+    QSPEC_PROMPTS,
+    batch_prompts,
+    describe,
+    int_list,
+    run_meta,
+    usage_error,
+    write_json,
+)
+from qspec_jax.bench.qspec_steps import roofline_step, step_times
 
 
 def main() -> int:
@@ -168,11 +41,9 @@ def main() -> int:
     ap.add_argument("--out", default="experiments/results/bench_qspec.json")
     args = ap.parse_args()
     try:
-        batches = [int(x) for x in args.batches.split(",")]
-        gammas = [int(x) for x in args.gammas.split(",")]
+        batches, gammas = int_list(args.batches), int_list(args.gammas)
     except ValueError:
-        print("error: --batches and --gammas take comma-separated integers", file=sys.stderr)
-        return 2
+        return usage_error("--batches and --gammas take comma-separated integers")
 
     import jax
 
@@ -186,8 +57,7 @@ def main() -> int:
     n = args.new_tokens
     results = []
     for b in batches:
-        prompts = (PROMPTS * (b // len(PROMPTS) + 1))[:b]
-        ids = eng.encode(prompts, chat=True)
+        ids = eng.encode(batch_prompts(QSPEC_PROMPTS, b), chat=True)
 
         def run(engine, mode, ids=ids, **kw):
             engine.generate(ids, mode=mode, max_new_tokens=n, ignore_eos=True, **kw)  # compile
@@ -252,10 +122,7 @@ def main() -> int:
             )
         results.append(row)
 
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+    meta = run_meta(
         kernels=dispatch.default_impl(),  # "cpu": the int4 CPU kernels; "xla": XLA's path
         quant=str(eng.qconfig),
         draft=args.draft,
@@ -265,18 +132,14 @@ def main() -> int:
         # second (e.g. dequantized) weight copy alive
         live_bytes=dict(before=live_before, after=sum(a.nbytes for a in jax.live_arrays())),
     )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=2)
-    os.replace(tmp, args.out)
+    write_json(args.out, dict(meta=meta, results=results))
     _plots(results, os.path.splitext(args.out)[0] + ".png")  # beside the JSON, same stem
     _table(meta, results)
     return 0
 
 
 def _table(meta, results):
-    print(f"\n{meta['date']}, {meta['machine']}: `{meta['command']}`\n")
+    print(f"\n{describe(meta)}\n")
     print(
         "| batch | mode | tok/s | vs w4a16 | acceptance | tok/step | predicted | overhead | H100 proj. 135M / 7B |"
     )

@@ -5,7 +5,7 @@ Part 1 (`forward`): the time of ONE forward over a draft tree of N tokens (N = 1
 runs) in fp, W4A16, W4A8 and W4A4, at batch 1 and 8, with a filled context. The ratio
 t(N) / t(1) is the paper's question: how much more a tree verification costs than a one-token
 step. Next to each measured CPU figure, an H100 roofline PROJECTION (not a measurement) of the
-same forward for the SmolLM2-135M and Llama-2-7B shapes, the model bench_qspec.py uses.
+same forward for the SmolLM2-135M and Llama-2-7B shapes, the model bench_qspec uses.
 
 Part 2 (`e2e`): tokens/s and committed tokens per step of W4A16 autoregressive decoding,
 sequence QSpec (W4A4 -> W4A16) at several gammas, tree-into-W4A16 (levels w4a4,w4a16) and the
@@ -13,7 +13,7 @@ three-level hierarchy (w4a4,w4a8,w4a16) at several tree shapes; greedy, EOS igno
 --new-tokens per prompt, each prompt alone (batch 1) or all together; every speculative row's
 tokens are checked against W4A16's.
 
-    python experiments/bench_tree.py [--quant quarot-rtn] [--group-size 64] [--parts forward,e2e]
+    python -m experiments.bench_tree [--quant quarot-rtn] [--group-size 64] [--parts forward,e2e]
         [--ns 1,4,8,16,32,64] [--batches 1,8] [--trees 2,1:4,2,1:2,2,2:1,1,1] [--gammas 1,2,3]
         [--e2e-batches 1] [--new-tokens 48] [--prompts 3]
 
@@ -23,18 +23,12 @@ Writes experiments/results/bench_tree.json (rewritten after every row) and print
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# run from the repository root: its qspec_jax, not another installed copy
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_qspec import H100, PROMPTS, loop_time  # noqa: E402
+from qspec_jax.bench.common import QSPEC_PROMPTS, run_meta, usage_error, write_json
+from qspec_jax.bench.qspec_steps import H100, loop_time
 
 PRECISIONS = ("fp", "w4a16", "w4a8", "w4a4")
 
@@ -214,40 +208,19 @@ def main() -> int:
         )
         parts = set(args.parts.split(","))
     except ValueError:
-        print(
-            "error: --ns/--batches/--gammas take comma-separated integers, --trees "
-            "colon-separated trees such as 4,2,1:2,1",
-            file=sys.stderr,
+        return usage_error(
+            "--ns/--batches/--gammas take comma-separated integers, --trees "
+            "colon-separated trees such as 4,2,1:2,1"
         )
-        return 2
     if not parts <= {"forward", "e2e"}:
-        print("error: --parts is a comma-separated subset of forward,e2e", file=sys.stderr)
-        return 2
-
-    import jax
+        return usage_error("--parts is a comma-separated subset of forward,e2e")
 
     import qspec_jax
 
-    out = dict(
-        command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=dict(
-            platform=platform.platform(),
-            cpus=os.cpu_count(),
-            python=platform.python_version(),
-            jax=jax.__version__,
-            backend=jax.default_backend(),
-        ),
-        quant=args.quant,
-        group_size=args.group_size,
-    )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    out = run_meta(quant=args.quant, group_size=args.group_size)
 
     def save():
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, out)
 
     t0 = time.perf_counter()
     if args.checkpoint:
@@ -268,7 +241,7 @@ def main() -> int:
         forward_times({"fp": fp, "int4": int4}, ns, batches, args.ctx, out, save, precs)
         del fp
     if "e2e" in parts:
-        prompts = PROMPTS[: args.prompts]
+        prompts = list(QSPEC_PROMPTS[: args.prompts])
         e2e(int4, prompts, e2e_batches, gammas, trees, args.new_tokens, out, save)
     save()
     print(f"wrote {args.out}")

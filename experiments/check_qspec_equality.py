@@ -1,12 +1,12 @@
 """QSpec's greedy tokens against W4A16's on a batch of the project's math problems, one run.
 
-The evaluation table (`experiments/eval_table.py`, run on XLA's CPU path) found QSpec == W4A16 on
-67/68 math items per draft: on math-047, in a batch of 16, W4A16's two best logits at generated
+The evaluation table (`python -m experiments.eval_table`, run on XLA's CPU path) found
+QSpec == W4A16 on 67/68 math items per draft: on math-047, in a batch of 16, W4A16's two best logits at generated
 token 26 were 7.6e-6 apart and the verifier's 4-row forward rounded them the other way from the
 1-row decode step. This reruns such a batch on the current default path and on XLA's, and
 reports, per item, whether QSpec's tokens equal W4A16's.
 
-    python experiments/check_qspec_equality.py [--items 32-47] [--drafts w4a8,w4a4]
+    python -m experiments.check_qspec_equality [--items 32-47] [--drafts w4a8,w4a4]
         [--max-new-tokens 256] [--impls auto,xla]
 
 Writes experiments/results/eval/check_qspec_equality.json.
@@ -15,13 +15,10 @@ Writes experiments/results/eval/check_qspec_equality.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qspec_jax.bench.common import run_meta, usage_error, write_json
 
 
 def main() -> int:
@@ -37,11 +34,9 @@ def main() -> int:
         if not 0 <= lo <= hi:
             raise ValueError
     except ValueError:
-        print("error: --items takes a range lo-hi of problem indices, e.g. 32-47", file=sys.stderr)
-        return 2
+        return usage_error("--items takes a range lo-hi of problem indices, e.g. 32-47")
     import qspec_jax
     from qspec_jax.eval import math as m
-    from qspec_jax.eval.harness import write_json_atomic
 
     probs = m.load_problems()[lo : hi + 1]
     eng = qspec_jax.load("smollm2-135m", quant="gguf")
@@ -61,15 +56,8 @@ def main() -> int:
                 acceptance=q.stats["acceptance_rate"],
             )
             print(impl, d, runs[f"{impl}/{d}"], flush=True)
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
-        seconds=time.time() - t0,
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-        load_average=os.getloadavg(),
-    )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, runs=runs))
+    meta = run_meta(t0)
+    write_json(args.out, dict(meta=meta, runs=runs))
     return 0
 
 

@@ -7,7 +7,7 @@ A copy of a cache-sized array inside the loop is paid on every decoding step: th
 whole-cache copies described in the README's QuantSpec section were found and checked gone.
 Entry-computation copies (once per call) are reported apart.
 
-    PYTHONPATH=. python experiments/count_hlo_copies.py [--model tiny] [--mode w4a16]
+    python -m experiments.count_hlo_copies [--model tiny] [--mode w4a16]
         [--kv-cache hier] [--capacity 1024] [--prompt 300]
 """
 

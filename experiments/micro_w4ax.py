@@ -13,7 +13,7 @@ timed calls of one jitted function, in rounds that alternate the variants:
 codes) in one call, as the decode loop does, so the bytes come from L3 / memory; the time is
 per linear and GB/s counts packed codes + scales + mins.
 
-    PYTHONPATH=. python experiments/micro_w4ax.py [--reps 30] [--rounds 5]
+    python -m experiments.micro_w4ax [--reps 30] [--rounds 5]
 
 Writes experiments/results/micro_w4ax.json and prints a table.
 """
@@ -21,14 +21,11 @@ Writes experiments/results/micro_w4ax.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qspec_jax.bench.common import describe, median_wall, run_meta, usage_error, write_json
 
 SHAPES = {  # name: (field, K, N)
     "qkv": ("wqkv", 576, 960),
@@ -45,21 +42,16 @@ def main() -> int:
     ap.add_argument("--out", default="experiments/results/micro_w4ax.json")
     args = ap.parse_args()
     if min(args.reps, args.rounds) < 1:
-        print("error: --reps and --rounds must be positive", file=sys.stderr)
-        return 2
+        return usage_error("--reps and --rounds must be positive")
 
     import jax
     import jax.numpy as jnp
 
     import qspec_jax
     from pallas_kernels import act_quant, cpu_kernels
-    from qspec_jax.eval.harness import write_json_atomic
 
     if not cpu_kernels.available():
-        print(
-            f"error: CPU kernels unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr
-        )
-        return 2
+        return usage_error(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
     q = qspec_jax.load("smollm2-135m", quant="gguf", progress=False)
     ga = q.qconfig.act_group_size
 
@@ -105,12 +97,8 @@ def main() -> int:
             per: dict[str, list[float]] = {v: [] for v in fns}
             for _ in range(args.rounds):
                 for v, f in fns.items():
-                    ts = []
-                    for _ in range(args.reps):
-                        t0 = time.perf_counter()
-                        f(x, ws).block_until_ready()
-                        ts.append(time.perf_counter() - t0)
-                    per[v].append(statistics.median(ts) / len(ws))
+                    call = lambda f=f, x=x, ws=ws: f(x, ws).block_until_ready()  # noqa: E731
+                    per[v].append(median_wall(call, args.reps) / len(ws))
             for v, runs in per.items():
                 us = statistics.median(runs) * 1e6
                 row = dict(shape=name, m=m, k=k, n=n, where=where, variant=v, us_per_linear=us,
@@ -119,20 +107,9 @@ def main() -> int:
                     row["gb_per_s"] = nbytes / len(ws) / (us * 1e-6) / 1e9
                 rows.append(row)
 
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        seconds=time.time() - t_start,
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
-        vnni=cpu_kernels.has_vnni(),
-        jax=jax.__version__,
-        reps=args.reps,
-        rounds=args.rounds,
-        loadavg_at_end=os.getloadavg(),
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, rows=rows))
-    print(f"\n{meta['date']}, {meta['machine']}, VNNI {meta['vnni']}: `{meta['command']}`\n")
+    meta = run_meta(t_start, vnni=cpu_kernels.has_vnni(), reps=args.reps, rounds=args.rounds)
+    write_json(args.out, dict(meta=meta, rows=rows))
+    print(f"\n{describe(meta)}, VNNI {meta['vnni']}\n")
     names = list(variants)
     print("| linear | rows | weights | " + " | ".join(f"{v} (us)" for v in names) + " |")
     print("|---|---:|---|" + "---:|" * len(names))

@@ -11,7 +11,7 @@ a first `qspec_jax.load` + `generate` in a child process, it profiles:
 
 Prints cumulative seconds of those functions (cProfile adds overhead; read shares, not totals).
 
-    PYTHONPATH=. python experiments/profile_first_call.py [--mode qspec]
+    python -m experiments.profile_first_call [--mode qspec]
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ their boundaries, and each loop iteration adds a small feedback reduction, so th
 match; the gap is printed, not hidden); "step - forward" is the loop's own bookkeeping (commit,
 finish checks, copies). The machine is shared: compare only within one run.
 
-    python experiments/profile_step.py [--batches 1,8] [--gamma 3] [--context 64]
+    python -m experiments.profile_step [--batches 1,8] [--gamma 3] [--context 64]
         [--capacity 192] [--reps 15] [--iters 8] [--group-size 64]
 
 Writes experiments/results/profile_step.json and prints one table per batch size.
@@ -34,17 +34,12 @@ Writes experiments/results/profile_step.json and prints one table per batch size
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# this checkout's qspec_jax, not whatever copy is installed in the environment
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qspec_jax.bench.common import int_list, median_time, run_meta, usage_error, write_json
 
 PARTS = (
     "qkv matmul",
@@ -58,25 +53,6 @@ PARTS = (
     "embed",
     "lm_head",
 )
-
-
-def _median(fn, args, reps, feed=None):
-    """Median seconds of fn(*args) over reps calls; `feed(args, out)` threads donated buffers."""
-    import jax
-
-    out = fn(*args)
-    jax.block_until_ready(out)
-    if feed is not None:
-        args = feed(args, out)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        ts.append(time.perf_counter() - t0)
-        if feed is not None:
-            args = feed(args, out)
-    return statistics.median(ts)
 
 
 def _looped(part, n_iter):
@@ -138,7 +114,7 @@ def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8, alone=
         print(f"  b={batch} {kind:<16} {part:<32} {seconds * 1e3:9.3f} ms", flush=True)
 
     def timed_loop(part, consts, x):
-        return _median(_looped(part, n_iter), (consts, x), reps) / n_iter
+        return median_time(_looped(part, n_iter), consts, x, reps=reps) / n_iter
 
     # ------------------------------------------------------------------ steps inside generate
     # The engine's own program; (wall(long) - wall(short)) / (steps(long) - steps(short)) is
@@ -190,7 +166,7 @@ def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8, alone=
         c = cache_at(context)
         fn = fwd_part(eng, precision, t)
         carry = (jnp.ones((batch, t), jnp.int32), c.k, c.v)
-        sec = _median(fn, (eng.params, carry), reps, lambda a, o: (a[0], o)) / n_iter
+        sec = median_time(fn, eng.params, carry, reps=reps, feed=lambda a, o: (a[0], o)) / n_iter
         add(kind, "forward + argmax in a loop", sec)
         if not alone:
             continue
@@ -203,15 +179,13 @@ def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8, alone=
         add(
             kind,
             "forward alone (not in a loop)",
-            _median(
+            median_time(
                 fn1,
-                (
-                    eng.params,
-                    jnp.ones((batch, t), jnp.int32),
-                    cache_at(context).k,
-                    cache_at(context).v,
-                ),
-                reps,
+                eng.params,
+                jnp.ones((batch, t), jnp.int32),
+                cache_at(context).k,
+                cache_at(context).v,
+                reps=reps,
             ),
         )
 
@@ -296,11 +270,12 @@ def profile_batch(fp, q, batch, gamma, context, capacity, reps, n_iter=8, alone=
         add(
             kind,
             "cache writes",
-            _median(
+            median_time(
                 jax.jit(run_writes, donate_argnums=(1,)),
-                (kvs, (cache.k, cache.v)),
-                reps,
-                lambda a, o: (a[0], o),
+                kvs,
+                (cache.k, cache.v),
+                reps=reps,
+                feed=lambda a, o: (a[0], o),
             )
             / n_iter,
         )
@@ -459,21 +434,15 @@ def main() -> int:
     )
     args = ap.parse_args()
     try:
-        batches = [int(x) for x in args.batches.split(",")]
+        batches = int_list(args.batches)
     except ValueError:
-        print("error: --batches takes comma-separated integers, e.g. 1,8", file=sys.stderr)
-        return 2
+        return usage_error("--batches takes comma-separated integers, e.g. 1,8")
     if not (
         1 <= args.gamma <= 16
         and 1 <= args.context
         and args.context + 8 * (args.gamma + 1) <= args.capacity
     ):
-        print(
-            "error: need 1 <= gamma <= 16 and context + 8 (gamma + 1) <= capacity", file=sys.stderr
-        )
-        return 2
-
-    import jax
+        return usage_error("need 1 <= gamma <= 16 and context + 8 (gamma + 1) <= capacity")
 
     import qspec_jax
 
@@ -497,28 +466,14 @@ def main() -> int:
             alone=(i == 0),
         )
         table = summarize(rows, args.gamma)
-        result = dict(
-            command="python " + " ".join(sys.argv),
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            machine=dict(
-                platform=platform.platform(),
-                processor=platform.processor(),
-                cpus=os.cpu_count(),
-                python=platform.python_version(),
-                jax=jax.__version__,
-                load_average=os.getloadavg(),
-            ),
+        result = run_meta(
+            t0,
             settings=vars(args),
-            seconds=time.time() - t0,
             complete=(i == len(batches) - 1),
             rows=rows,
             table=table,
         )
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:  # after every batch size: a long run keeps what it measured
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, result)  # after every batch size: a long run keeps what it measured
     print_table(table)
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
     return 0

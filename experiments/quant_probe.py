@@ -14,7 +14,7 @@ For each weight quantization (method x group size x options) the model is quanti
 Activation settings (group size, clip ratio) do not touch the weights, so each quantized model
 is evaluated under every activation setting asked for.
 
-    python experiments/quant_probe.py --methods quarot-rtn,quarot-gptq --group-sizes 32 \
+    python -m experiments.quant_probe --methods quarot-rtn,quarot-gptq --group-sizes 32 \
         --act-groups 0,32 --clips 1.0,0.9 --precisions w4a4,w4a8
 
 With ``--text fp`` the teacher-forced text is the float model's greedy continuation instead,
@@ -24,14 +24,14 @@ the same for every setting (removes the confound that an easier W4A16 text raise
 its W4A16 is the shipped model; no rotation, since rotating would re-quantize the weights);
 --group-sizes does not apply to it.
 
-One line of results per (weights, activation setting), and a JSON dump with --out.
+One line of results per (weights, activation setting), and with --out a JSON file
+{"meta": run metadata, "rows": [one dict per line]}.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 import warnings
 
@@ -39,29 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qspec_jax.bench.common import PROBE_PROMPTS, run_meta, write_json
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import QuantConfig
 from qspec_jax.loading import encode_prompts, load_checkpoint, load_tokenizer
 from qspec_jax.model.llama import forward
 from qspec_jax.quant import quantize_model
 from qspec_jax.quant.calibration import calibration_tokens
-
-PROMPTS = [
-    "Write a short story about a fox who finds a lost key in the forest.",
-    "Explain how a refrigerator keeps food cold, in simple terms.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
-    "May. How many clips did Natalia sell altogether in April and May? Think step by step.",
-    "Write a Python function that checks whether a string is a valid IPv4 address.",
-    "What are the main differences between a democracy and a monarchy?",
-    "Give me a recipe for a vegetable soup, with a list of ingredients and steps.",
-    "A train leaves at 3:15 pm and the trip takes 2 hours and 50 minutes. When does it arrive? "
-    "Explain your reasoning.",
-    "Write a JavaScript function that removes duplicate values from an array.",
-    "Describe the life cycle of a butterfly.",
-    "Write a polite email to a landlord asking for a broken heater to be repaired.",
-    "Why is the sky blue? Give a short explanation for a ten-year-old.",
-    "List five tips for learning a new language and explain each one briefly.",
-]
 
 
 def _pad(seqs, length, pad):
@@ -259,7 +243,7 @@ def main(argv=None):
     t0 = time.time()
     cfg, fp_params, _ = load_checkpoint("smollm2-135m")
     tok = load_tokenizer("smollm2-135m")
-    prompts = encode_prompts(tok, PROMPTS[: args.prompts], chat=True)
+    prompts = encode_prompts(tok, list(PROBE_PROMPTS[: args.prompts]), chat=True)
     calib = calibration_tokens(tok, args.calib_seq_len, args.calib_seqs or None)
     print(f"loaded in {time.time() - t0:.1f}s; calibration {calib.shape}", flush=True)
     act_settings = [
@@ -342,8 +326,7 @@ def main(argv=None):
             )
         all_rows += rows
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(all_rows, f, indent=1)
+        write_json(args.out, dict(meta=run_meta(t0, settings=vars(args)), rows=all_rows))
     print(f"done in {time.time() - t0:.0f}s")
 
 

@@ -9,7 +9,7 @@ shape (named from the compiled HLO). Tracing adds a small cost to every thunk, s
 counts and the shares, not the absolute times; the step time to quote comes from the
 benchmarks.
 
-    PYTHONPATH=. python experiments/trace_step.py [--modes w4a16,w4a8] [--quant gguf] [--top 12]
+    python -m experiments.trace_step [--modes w4a16,w4a8] [--quant gguf] [--top 12]
 
 Prints one block per mode and writes experiments/results/trace_step.json.
 """
@@ -22,17 +22,14 @@ import glob
 import gzip
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# before anything imports jax: XLA reads its flags once
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 ).strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPT = "Write a short story about a robot who learns to paint."
 NOT_THUNKS = (  # host-side events in the trace: Python frames, executor bookkeeping, waits
@@ -72,13 +69,12 @@ def main() -> int:
     import jax
 
     import qspec_jax
-    from qspec_jax.eval.harness import write_json_atomic
+    from qspec_jax.bench.common import run_meta, usage_error, write_json
 
     q = qspec_jax.load("smollm2-135m", quant=args.quant, progress=False)
     bad = [m for m in modes if m not in q.modes]
     if bad:
-        print(f"error: unknown mode(s) {bad}; this engine has {list(q.modes)}", file=sys.stderr)
-        return 2
+        return usage_error(f"unknown mode(s) {bad}; this engine has {list(q.modes)}")
     short, long_ = 9, 41
     results = {}
     for mode in modes:
@@ -138,15 +134,8 @@ def main() -> int:
         for k, r in out["custom_calls"].items():
             print(f"  {r['ms_per_token']:7.3f} ms  {r['per_token']:6.1f} x  {k}")
 
-    meta = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
-        jax=jax.__version__,
-        loadavg_at_end=os.getloadavg(),
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, dict(meta=meta, modes=results))
+    meta = run_meta()
+    write_json(args.out, dict(meta=meta, modes=results))
     print(f"\nwrote {args.out}")
     return 0
 

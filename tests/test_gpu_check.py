@@ -1,30 +1,22 @@
-"""experiments/gpu_check.py on a CPU-only machine: the dry run, the JSON / markdown writers, the
+"""The GPU check (`qspec_jax.bench.gpu_check`, run as `python -m experiments.gpu_check`) on a
+CPU-only machine: the dry run, the JSON / markdown writers, the
 schema check and the failure-recording path (a step that raises is written down, the check goes
 on). The GPU steps themselves need a GPU and are exercised by `make gpu-check` where one is lent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
-import sys
 
 import jax
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from qspec_jax.bench import gpu_check
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", ROOT / "experiments" / "gpu_check.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return gpu_check
 
 
 def _read(out):

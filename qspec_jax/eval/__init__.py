@@ -5,7 +5,9 @@
                        gamma=3, results_path="experiments/results/eval/math.json")
 
 See `harness` for resuming, atomic writes and sharding; `math`, `humaneval` and `perplexity` for
-the tasks; `report` for the markdown table and plot. `experiments/run_eval.py` is the CLI.
+the tasks; `report` for the markdown table and plot. `run_cli` is the command line
+(`python -m experiments.run_eval`), `table_cli` the evaluation table's, `agreement_cli` the
+agreement benchmark's.
 """
 
 from qspec_jax.eval.harness import (

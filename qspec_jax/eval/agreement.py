@@ -34,7 +34,7 @@ checked for QSpec instead is that its greedy tokens equal W4A16's on every promp
 (`qspec_equality`), which must hold (exact greedy speculative decoding).
 
 `run_agreement` runs all of it on two engines (float weights for fp, int4 weights for the
-others); ``experiments/bench_agreement.py`` is the command line.
+others); ``agreement_cli`` is the command line (``python -m experiments.bench_agreement``).
 """
 
 from __future__ import annotations

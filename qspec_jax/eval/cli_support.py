@@ -1,5 +1,5 @@
-"""Command-line plumbing shared by the evaluation scripts (`experiments/run_eval.py`,
-`experiments/eval_table.py`, `experiments/bench_agreement.py`).
+"""Command-line plumbing shared by the evaluation commands (`run_cli`, `table_cli`,
+`agreement_cli`: `python -m experiments.run_eval`, `.eval_table`, `.bench_agreement`).
 
 Bad input ends as one line on stderr and exit status 2, never a traceback: argparse errors and
 the scripts' own checks raise `UsageProblem`; the library's usage errors (`EvalUsageError`,

@@ -12,7 +12,7 @@ file (so each resumes on its own):
 `combine` reads the runs' summaries into one table of ROWS x tasks and compares, per item, QSpec's
 output with W4A16's: generated tokens (math, HumanEval) or the chunk's summed NLL (perplexity).
 At temperature 0 they must be equal on every item. `table_markdown` and `plot_table` report it;
-``experiments/eval_table.py`` is the command line.
+``table_cli`` is the command line (``python -m experiments.eval_table``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""qspec_jax/eval/agreement.py and experiments/bench_agreement.py.
+"""qspec_jax/eval/agreement.py and its command line qspec_jax/eval/agreement_cli.py
+(`python -m experiments.bench_agreement`).
 
 The metric functions are checked on hand-made token sequences and logits with hand-computed
 answers; the command line runs end to end on the tiny random-weight model (float engine for fp,
@@ -7,7 +8,6 @@ RTN int4 engine for the rest), with token-id prompts since the tiny preset has n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from qspec_jax.eval import agreement_cli as bench
 from qspec_jax.eval.agreement import (
     MODES,
     cut_at_eos,
@@ -37,10 +38,6 @@ from qspec_jax.eval.agreement import (
 from qspec_jax.eval.harness import EvalUsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "experiments", "bench_agreement.py")
-_spec = importlib.util.spec_from_file_location("bench_agreement_script", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 EOS = (2,)
 
@@ -279,7 +276,15 @@ def test_bad_arguments_exit_2_one_line(capsys, argv, match):
 
 def test_subprocess_bad_input_exit_2_no_traceback(tmp_path):
     p = subprocess.run(
-        [sys.executable, SCRIPT, "--modes", "w4a16", "--out", str(tmp_path / "a.json")],
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench_agreement",
+            "--modes",
+            "w4a16",
+            "--out",
+            str(tmp_path / "a.json"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -339,7 +344,7 @@ def test_cli_end_to_end_on_tiny(tmp_path, tiny_engines, tiny_prompts, capsys):
     assert sorted(os.listdir(out.parent)) == ["agree.json", "agree.png"]
     doc = json.loads(out.read_text())
     assert doc["complete"] and doc["ok"] and doc["started_utc"] and doc["finished_utc"]
-    assert doc["command"].startswith("python experiments/bench_agreement.py --model tiny")
+    assert doc["command"].startswith("python -m experiments.bench_agreement --model tiny")
     assert doc["config"]["n_prompts"] == 5 and doc["config"]["max_new_tokens"] == N_NEW
     assert doc["machine"]["cores"] == os.cpu_count()
     assert doc["qspec_equality"]["qspec-w4a4"]["per_prompt"] == [True] * 5

@@ -1,9 +1,9 @@
-"""experiments/eval_table.py and qspec_jax.eval.table on fake engines: the plan, the table, the
+"""The evaluation table's command line (qspec_jax/eval/table_cli.py, `python -m
+experiments.eval_table`) and qspec_jax.eval.table on fake engines: the plan, the table, the
 QSpec == W4A16 check per draft, resume, a missing HumanEval package, and bad arguments."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,14 +13,10 @@ import pytest
 from eval_fake_engine import EngineCrash, FakeEngine
 
 from qspec_jax.eval import table as table_mod
+from qspec_jax.eval import table_cli as script
 from qspec_jax.eval.table import ROWS, parse_limits, parse_per_task, plan_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "experiments", "eval_table.py")
-
-_spec = importlib.util.spec_from_file_location("eval_table_script", SCRIPT)
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
 
 
 class Loader:
@@ -144,7 +140,7 @@ def test_table_on_fake_engines(tmp_path, capsys):
     assert t["tasks"]["perplexity"]["qspec_equals_w4a16"]["w4a4"]["text"] == "2/2"
     assert t["qspec_equals_w4a16_everywhere"] is True and t["qspec_equality_violations"] == []
     assert len(t["invocations"]) == 1 and t["invocations"][0]["command"].startswith(
-        "python experiments/eval_table.py --tasks"
+        "python -m experiments.eval_table --tasks"
     )
     md = (tmp_path / "t.md").read_text()
     assert md.strip() in out
@@ -329,7 +325,7 @@ def test_default_name_depends_on_limits(tmp_path):
 
 def test_subprocess_bad_argument(tmp_path):
     p = subprocess.run(
-        [sys.executable, SCRIPT, "--limit", "0", "--out", str(tmp_path)],
+        [sys.executable, "-m", "experiments.eval_table", "--limit", "0", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,

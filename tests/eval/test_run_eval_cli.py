@@ -1,8 +1,8 @@
-"""experiments/run_eval.py: argument errors (exit 2, one line) and a full run on the fake engine."""
+"""The run_eval command line (qspec_jax/eval/run_cli.py, `python -m experiments.run_eval`): argument
+errors (exit 2, one line) and a full run on the fake engine."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,12 +11,9 @@ import sys
 import pytest
 from eval_fake_engine import FakeEngine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "experiments", "run_eval.py")
+from qspec_jax.eval import run_cli as run_eval_script
 
-_spec = importlib.util.spec_from_file_location("run_eval_script", SCRIPT)
-run_eval_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_eval_script)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _must_not_load(args):
@@ -64,8 +61,8 @@ def test_engine_usage_error_is_one_line(tmp_path, capsys):
 
 
 def test_subprocess_exit_status_and_no_traceback(tmp_path):
-    p = subprocess.run([sys.executable, SCRIPT, "--limit", "0", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    cmd = [sys.executable, "-m", "experiments.run_eval", "--limit", "0", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "limit must be a positive integer" in p.stderr
     assert p.stdout == ""
