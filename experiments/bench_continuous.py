@@ -8,7 +8,7 @@ wall is the sum of the calls' `stats["wall_s"]`, which excludes compiling; conti
 warm-up call over 8 prompts that include the longest one compiles the same programs). Both
 paths' tokens are compared prompt by prompt.
 
-    PYTHONPATH=. python experiments/bench_continuous.py [--limit 164] [--max-new-tokens 128]
+    python -m experiments.bench_continuous [--limit 164] [--max-new-tokens 128]
 
 Writes experiments/results/bench_continuous.json and prints a markdown table.
 """
@@ -16,12 +16,7 @@ Writes experiments/results/bench_continuous.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from datetime import datetime, timezone
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> int:
@@ -34,12 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="experiments/results/bench_continuous.json")
     args = ap.parse_args(argv)
 
-    import jax
-
     import qspec_jax
-    from qspec_jax.eval.harness import write_json_atomic
+    from qspec_jax.bench.common import run_meta, write_json
     from qspec_jax.eval.humaneval import build_prompt, load_humaneval
 
+    started = time.time()
     problems = load_humaneval()[: args.limit]
     prompts = [build_prompt(p)[0] for p in problems]
     chat = build_prompt(problems[0])[1]
@@ -81,18 +75,8 @@ def main(argv=None) -> int:
             )  # fmt: skip
         rows[-1]["speedup_vs_static"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
         print(name, rows[-2:], flush=True)
-    meta = dict(
-        command="PYTHONPATH=. python experiments/bench_continuous.py "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        jax=jax.__version__,
-        load_average=os.getloadavg(),
-        prompts=len(ids),
-        max_new_tokens=n_new,
-        batch_size=bs,
-    )
-    write_json_atomic(args.out, dict(meta=meta, rows=rows))
+    meta = run_meta(started, prompts=len(ids), max_new_tokens=n_new, batch_size=bs)
+    write_json(args.out, dict(meta=meta, rows=rows))
     print("| method | batching | wall s | tokens | tokens/s | vs static | same tokens |")
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:

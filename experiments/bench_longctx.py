@@ -24,7 +24,7 @@ greedy with float-KV greedy (matching prefix length), whether the answer contain
 code, and each kind's prefill time. Greedy, EOS ignored. Writes the JSON and a PNG plot
 (tokens/s against gamma) next to it.
 
-    python experiments/bench_longctx.py [--contexts 8000] [--gammas 1,2,3,4,5,6]
+    python -m experiments.bench_longctx [--contexts 8000] [--gammas 1,2,3,4,5,6]
         [--qspec-gammas 1,2,3,4,5,6] [--new-tokens 32] [--rounds 3] [--residual 128]
         [--quant gguf] [--modes ar-float,ar-hier,quantspec,qspec-hier]
 """
@@ -34,12 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COLORS = [
     "amber",
@@ -288,12 +285,9 @@ def main(argv=None) -> int:
 
 
 def _write(path, args, rows, prefills):
-    from qspec_jax.eval.harness import write_json_atomic
+    from qspec_jax.bench.common import run_meta, write_json
 
-    meta = dict(argv=sys.argv, machine=platform.machine(), cpus=os.cpu_count(),
-                python=platform.python_version(), loadavg_at_end=os.getloadavg(),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), settings=vars(args))  # fmt: skip
-    write_json_atomic(path, dict(meta=meta, prefills=prefills, rows=rows))
+    write_json(path, dict(meta=run_meta(settings=vars(args)), prefills=prefills, rows=rows))
 
 
 def _plot(path, rows):

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
 
     quant = "gguf" if args.model == "smollm2-135m" else "rtn"
     eng = qspec_jax.load(args.model, quant=quant, group_size=32, progress=False)
-    dc = eng._decode_config(args.mode, 16, 0.0, 0, 1.0, args.gamma, "w4a8")
+    opts = {"gamma": args.gamma, **({"draft": "w4a8"} if args.mode == "qspec" else {})}
+    dc = eng.decode_config(eng.method(args.mode, **opts), 16)
     dc = dataclasses.replace(dc, eos_ids=())
     cache = make_cache(
         args.kv_cache, eng.config, 1, args.capacity, residual=128, step_tokens=dc.tokens_per_step

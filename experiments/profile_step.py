@@ -374,7 +374,6 @@ def hoist_check(eng, context, max_new=41):
     Returns {computation: number of fusions that shift packed uint8 codes}, "ENTRY" meaning
     before the while_loop (hoisted: float copies written once per call), plus one example line.
     """
-    import dataclasses
     import re
 
     import jax
@@ -382,7 +381,7 @@ def hoist_check(eng, context, max_new=41):
 
     from qspec_jax.cache import KVCache
 
-    dc = dataclasses.replace(eng._decode_config("w4a16", max_new, 0.0, 0, 1.0, 3), eos_ids=())
+    dc = eng.decode_config(eng.method("w4a16"), max_new, ignore_eos=True)
     toks = jnp.zeros((1, context), jnp.int32)
     lens = jnp.full((1,), context, jnp.int32)
     cap = eng._plan([[0] * context], dc)[2]

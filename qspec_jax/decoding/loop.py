@@ -227,6 +227,9 @@ def run_steps(
     return jax.lax.while_loop(more, lambda s: step(s, params, cfg, qcfg, dc), state)
 
 
+# jitted so that every array of the state is its own buffer (the loop donates them); the cache is
+# not donated: a freshly made cache may hold one zero buffer in several fields
+@functools.partial(jax.jit, static_argnames=("dc", "stop_width"))
 def empty_state(cache, key: jax.Array, dc: DecodeConfig, stop_width: int = 0) -> DecodeState:
     """A state of `cache`'s batch with every row finished: rows wait for `insert_prompt`.
 
