@@ -42,11 +42,13 @@ the buffer until the verifier overwrites them; they are never flushed.
 Attention (`attend`) runs block by block with an online softmax: over the quantized part in
 blocks of `block` tokens (each block's codes dequantized on the fly, never the whole cache), then
 over the float buffer in blocks of `buffer_block` tokens aligned to absolute positions (so a
-verifier row and an autoregressive row add the same terms in the same order). On a CPU backend the
-default is the AVX2 kernel `pallas_kernels.cpu_attention` (`HierLayout.attention_impl` "cpu":
-the same function and the same absolute-position blocking, read straight from the packed codes),
-elsewhere, or without the kernels, that XLA path; `attention_impl` also opts in to the Pallas
-kernel `pallas_kernels.hier_attention` (same function, float32 rounding apart; see `attend`).
+verifier row and an autoregressive row add the same terms in the same order). Which code runs is
+the kernel registry's choice (`pallas_kernels.dispatch.hier_cache_attention`, op
+"hier_cache_attention"): on a CPU backend the AVX2 kernel `pallas_kernels.cpu_attention`
+(`HierLayout.attention_impl` "cpu": the same function and the same absolute-position blocking,
+read straight from the packed codes); on a GPU backend "auto", the Pallas kernel
+`pallas_kernels.hier_attention` (same function, float32 rounding apart) once it has passed its
+self-check against XLA, per call with the fallback to this XLA path; else that XLA path.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class HierLayout:
             kernel on a CPU backend, when they support the shapes, else "xla"), "pallas" /
             "pallas_interpret" (the Pallas kernel, compiled / in interpret mode; its
             NotImplementedError propagates). `HierKVCache.init` picks
-            `default_attention_impl()` when not told: "cpu" where it is available, else "xla".
+            `default_attention_impl()` when not told (the kernel registry's choice: "cpu" where
+            it is available, "auto" on a GPU, else "xla").
     """
 
     residual: int
@@ -292,7 +295,7 @@ class HierKVCache:
         """An empty cache for `capacity` tokens (rounded up, see `HierLayout.make`).
 
         `attention_impl` None: `default_attention_impl(head_dim, dtype)` ("cpu" on a CPU with the
-        kernels and covered shapes, else "xla").
+        kernels and covered shapes, "auto" on a GPU, else "xla").
         """
         if cfg.head_dim % 2:
             raise ValueError(f"head_dim must be even to pack int4 pairs, got {cfg.head_dim}")
