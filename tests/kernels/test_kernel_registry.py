@@ -221,3 +221,27 @@ def test_real_kernels_pass_their_self_check(op):
     """Every op's self-check case is one its Pallas kernel takes, and the kernel (interpret
     mode) is within the stated bound: the check cannot reject a correct kernel."""
     assert registry.run_self_check(op, "pallas_interpret") is None
+
+
+def test_lm_head_choice():
+    """The LM head: the Q8_0 kernel where the CPU kernels are auto's choice (or impl "cpu") and
+    the codes exist; the float head for every other name, and without codes."""
+    from pallas_kernels import cpu_kernels
+
+    x = jax.random.normal(jax.random.key(7), (3, 64))
+    codes = jax.random.randint(jax.random.key(8), (96, 64), -127, 128).astype(jnp.int8)
+    scales = jax.random.uniform(jax.random.key(9), (96, 2), minval=0.001, maxval=0.01)
+    float_head = lambda x: jnp.full(x.shape[:-1] + (96,), 7.0)  # a marker: "the float head ran"
+    for impl in ("xla", "pallas", "pallas_interpret"):
+        out = dispatch.lm_head(x, codes, scales, float_head, impl=impl)
+        np.testing.assert_array_equal(np.asarray(out), 7.0)
+    np.testing.assert_array_equal(np.asarray(dispatch.lm_head(x, None, None, float_head)), 7.0)
+    np.testing.assert_array_equal(
+        np.asarray(dispatch.lm_head(x, None, None, float_head, impl="cpu")), 7.0
+    )
+    auto = dispatch.lm_head(x, codes, scales, float_head)
+    if cpu_kernels.available():
+        ref = dispatch.q8_matmul(x, codes, scales, impl="cpu")
+        np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
+    else:
+        np.testing.assert_array_equal(np.asarray(auto), 7.0)
