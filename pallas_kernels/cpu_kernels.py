@@ -23,7 +23,7 @@ autoregressive decoding's one row bit for bit). Results agree with the XLA refer
 rounding (W4AX: the int32 part is exact; see tests/kernels/test_cpu_kernels.py).
 
 The shared library is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``,
-a few seconds) into ``<cache root>/cpu-kernels/`` (`qspec_jax.disk_cache.cache_root`, never the
+a few seconds) into ``<cache root>/cpu-kernels/`` (`pallas_kernels.cache_dir.cache_root`, never the
 repository; a temporary directory when ``QSPEC_JAX_COMPILE_CACHE=0`` asks for no disk cache),
 keyed by the source, the flags and the jaxlib version, and registered with ``jax.ffi``. `available()` is False, and dispatch keeps the XLA path, when the CPU lacks AVX2 /
 FMA, no compiler works, or ``QSPEC_JAX_CPU_KERNELS=0``.
@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.cache_dir import cache_root, compile_cache_enabled
 from pallas_kernels.int4 import HALF_TILE, PACK_TILE
 
 ENV_SWITCH = "QSPEC_JAX_CPU_KERNELS"
@@ -102,8 +103,6 @@ def _library_path() -> str:
     """Where the library lives: the cache root's cpu-kernels/, or, when the user turned the
     compilation cache off (``QSPEC_JAX_COMPILE_CACHE=0``: write nothing there), a private
     temporary directory removed at exit."""
-    from qspec_jax.disk_cache import cache_root, compile_cache_enabled  # noqa: PLC0415
-
     digest = hashlib.sha256()
     for source in SOURCES + HEADERS:
         with open(source, "rb") as f:

@@ -19,6 +19,9 @@ Environment switches (read when used, so tests and users can flip them per proce
 The compilation cache is JAX's own (``jax_compilation_cache_dir``); JAX documents it as
 trusted content, so it lives in a directory only this user writes. If the process already
 set ``jax_compilation_cache_dir`` itself, that choice is kept.
+
+The root and the compile switch are defined in `pallas_kernels.cache_dir` (the CPU kernels build
+their library under the same root; the kernels never import the application).
 """
 
 from __future__ import annotations
@@ -29,33 +32,21 @@ import os
 import threading
 from typing import Any
 
-ENV_DIR = "QSPEC_JAX_CACHE_DIR"
-ENV_COMPILE = "QSPEC_JAX_COMPILE_CACHE"
+# The root and the compile switch are the kernels' (re-exported here for the application).
+from pallas_kernels.cache_dir import (  # noqa: F401
+    ENV_COMPILE,
+    ENV_DIR,
+    cache_root,
+    compile_cache_enabled,
+)
+from pallas_kernels.cache_dir import switch_on as _switch
+
 ENV_QUANT = "QSPEC_JAX_QUANT_CACHE"
-_OFF = ("0", "off", "false", "no")
 
 _lock = threading.Lock()
 _enabled_dir: str | None = None
 _hits = 0
 _listening = False
-
-
-def cache_root() -> str:
-    """The cache root directory (not created)."""
-    root = os.environ.get(ENV_DIR)
-    if root:
-        return os.path.abspath(os.path.expanduser(root))
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(home), "qspec-jax")
-
-
-def _switch(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in _OFF
-
-
-def compile_cache_enabled() -> bool:
-    """False when ``QSPEC_JAX_COMPILE_CACHE`` turns the compilation cache off."""
-    return _switch(ENV_COMPILE)
 
 
 def quant_cache_enabled() -> bool:

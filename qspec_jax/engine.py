@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import dispatch
 from qspec_jax import disk_cache
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.cache.protocol import make_cache
@@ -349,7 +350,7 @@ class Engine:
         # `max_programs` are held (see `_hold`)
         self._compiled: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self.max_programs = DEFAULT_MAX_PROGRAMS
-        # Kernel implementation for every matmul (`pallas_kernels.dispatch`): None = auto (Pallas
+        # Kernel implementation for every op (`pallas_kernels.registry` decides): None = auto (Pallas
         # on GPU, the CPU kernels on CPU, else XLA); "xla" / "cpu" / ... to compare paths.
         self.impl: str | None = None
         self._logits_fns: dict[tuple, Any] = {}
@@ -754,7 +755,7 @@ class Engine:
             capacity,
             residual=kv_residual,
             step_tokens=dc.tokens_per_step,
-            attention_impl="xla" if self.impl == "xla" else None,
+            attention_impl=dispatch.cache_attention_impl(self.impl),
         )
         if self.mesh is not None:
             from qspec_jax.sharding import shard_cache  # noqa: PLC0415
@@ -915,9 +916,8 @@ class Engine:
             capacity,
             residual=kv_residual,
             step_tokens=dc.tokens_per_step,
-            # impl "xla" asks for XLA everywhere; otherwise the hierarchical cache's default
-            # (its CPU attention kernel where available)
-            attention_impl="xla" if self.impl == "xla" else None,
+            # the kernel registry's choice for the cache's attention (`pallas_kernels.registry`)
+            attention_impl=dispatch.cache_attention_impl(self.impl),
         )
         toks, lens, lim, sid = map(jnp.asarray, (toks, lens, lim, sid))
         if self.mesh is not None:

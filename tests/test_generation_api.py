@@ -123,3 +123,13 @@ def test_continuous_batching_equals_each_prompt_alone(engine, name):
     assert got.stats["tokens_generated"] == sum(len(t) for t in got.tokens)
     if name != "w4a16":
         assert 0 <= got.stats["draft_tokens_accepted"] <= got.stats["draft_tokens_proposed"]
+
+
+def test_cli_stream_prints_the_text_as_it_comes(engine, capsys):
+    from qspec_jax.cli import _stream
+
+    kw = dict(max_new_tokens=6, chat=False)
+    ref = engine.generate([PROMPTS[1]], AR("w4a16"), **kw)
+    assert _stream(engine, [PROMPTS[1]], AR("w4a16"), kw) == 0
+    out = capsys.readouterr().out
+    assert out == ref.texts[0] + f"\n--- [0] {ref.finish_reasons[0]}\n"

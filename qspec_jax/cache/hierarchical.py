@@ -42,11 +42,13 @@ the buffer until the verifier overwrites them; they are never flushed.
 Attention (`attend`) runs block by block with an online softmax: over the quantized part in
 blocks of `block` tokens (each block's codes dequantized on the fly, never the whole cache), then
 over the float buffer in blocks of `buffer_block` tokens aligned to absolute positions (so a
-verifier row and an autoregressive row add the same terms in the same order). On a CPU backend the
-default is the AVX2 kernel `pallas_kernels.cpu_attention` (`HierLayout.attention_impl` "cpu":
-the same function and the same absolute-position blocking, read straight from the packed codes),
-elsewhere, or without the kernels, that XLA path; `attention_impl` also opts in to the Pallas
-kernel `pallas_kernels.hier_attention` (same function, float32 rounding apart; see `attend`).
+verifier row and an autoregressive row add the same terms in the same order). Which code runs is
+the kernel registry's choice (`pallas_kernels.dispatch.hier_cache_attention`, op
+"hier_cache_attention"): on a CPU backend the AVX2 kernel `pallas_kernels.cpu_attention`
+(`HierLayout.attention_impl` "cpu": the same function and the same absolute-position blocking,
+read straight from the packed codes); on a GPU backend "auto", the Pallas kernel
+`pallas_kernels.hier_attention` (same function, float32 rounding apart) once it has passed its
+self-check against XLA, per call with the fallback to this XLA path; else that XLA path.
 """
 
 from __future__ import annotations
@@ -72,24 +74,19 @@ def _round_up(n: int, m: int) -> int:
 
 
 def default_attention_impl(head_dim: int | None = None, dtype=None) -> str:
-    """The attention a cache gets by default: "cpu" (the AVX2 kernel,
-    `pallas_kernels.cpu_attention`) on a CPU backend where the CPU kernels build and cover the
-    shapes (float32, head_dim a multiple of 32 up to 256); else "xla" (the block-wise jnp path,
-    also on a GPU: the Pallas kernel stays opt-in until it has run on one).
+    """The attention a cache gets by default: the kernel registry's choice
+    (`pallas_kernels.dispatch.hier_attention_default`, the "hier_cache_attention" chain).
 
-    Both are exact in the sense speculative decoding needs (a row's result does not depend on the
-    other rows of the call); "cpu" reads the codes at memory speed instead of dequantizing blocks
-    through XLA (measured: README, "QuantSpec").
+    "cpu" (the AVX2 kernel, `pallas_kernels.cpu_attention`) on a CPU backend where the CPU kernels
+    build and cover the shapes (float32, head_dim a multiple of 32 up to 256); "auto" on a GPU
+    backend (the Pallas kernel after its self-check against XLA, per call, XLA where it refuses
+    a shape); else "xla" (the block-wise jnp path). Both "cpu" and "xla" are exact in the sense
+    speculative decoding needs (a row's result does not depend on the other rows of the call);
+    "cpu" reads the codes at memory speed instead of dequantizing blocks through XLA.
     """
-    if jax.default_backend() != "cpu":
-        return "xla"
-    if head_dim is not None and (head_dim % 32 or head_dim > 256):
-        return "xla"
-    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
-        return "xla"
-    from pallas_kernels import cpu_kernels  # noqa: PLC0415 (builds the library once)
-
-    return "cpu" if cpu_kernels.available() else "xla"
+    return dispatch.hier_attention_default(
+        32 if head_dim is None else head_dim, jnp.float32 if dtype is None else dtype
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +109,8 @@ class HierLayout:
             kernel on a CPU backend, when they support the shapes, else "xla"), "pallas" /
             "pallas_interpret" (the Pallas kernel, compiled / in interpret mode; its
             NotImplementedError propagates). `HierKVCache.init` picks
-            `default_attention_impl()` when not told: "cpu" where it is available, else "xla".
+            `default_attention_impl()` when not told (the kernel registry's choice: "cpu" where
+            it is available, "auto" on a GPU, else "xla").
     """
 
     residual: int
@@ -297,7 +295,7 @@ class HierKVCache:
         """An empty cache for `capacity` tokens (rounded up, see `HierLayout.make`).
 
         `attention_impl` None: `default_attention_impl(head_dim, dtype)` ("cpu" on a CPU with the
-        kernels and covered shapes, else "xla").
+        kernels and covered shapes, "auto" on a GPU, else "xla").
         """
         if cfg.head_dim % 2:
             raise ValueError(f"head_dim must be even to pack int4 pairs, got {cfg.head_dim}")
@@ -568,50 +566,26 @@ class HierKVCache:
     def _attend_kernel(self, layer, q, q_positions, view):
         """A kernel's attention over this layer when `layout.attention_impl` asks for one.
 
-        "cpu" (or "auto" on a CPU backend with the kernels): `pallas_kernels.cpu_attention` on the
-        stacked arrays plus the layer index (no layer slice is copied); "pallas*" (or "auto" on a
-        GPU): `pallas_kernels.hier_attention` through dispatch. Returns None (the caller then
-        runs the XLA path) for "xla", for "auto" elsewhere, and for "auto" when the kernel raises
-        NotImplementedError for these shapes.
+        The kernel registry decides (`pallas_kernels.dispatch.hier_cache_attention`): a forced
+        name ("cpu", "pallas", "pallas_interpret") runs that kernel on the stacked arrays plus
+        the layer index (its NotImplementedError propagates); "auto" walks the chain (the Pallas
+        kernel on a GPU after its self-check, the CPU kernel where it covers the shapes). Returns
+        None (the caller then runs the XLA path) for "xla" and when auto's choice is XLA.
         """
         impl = self.layout.attention_impl
-        auto = impl == "auto"
-        if impl == "xla" or (auto and dispatch.default_impl() not in ("pallas", "cpu")):
+        if impl == "xla":
             return None
-        layer = jnp.asarray(layer, jnp.int32)
         lo = view == "target"  # the draft view never reads (or passes) the lower halves
-        if impl == "cpu" or (auto and dispatch.default_impl() == "cpu"):
-            from pallas_kernels import cpu_attention  # noqa: PLC0415
-
-            try:
-                with jax.named_scope("hier_attention_cpu"):
-                    out = cpu_attention.hier_attention_cpu_stacked(
-                        layer, q, q_positions,
-                        self.k_hi, self.k_lo if lo else None, self.k_scale, self.k_min,
-                        self.v_hi, self.v_lo if lo else None, self.v_scale, self.v_min,
-                        self.k_buf, self.v_buf, self.buf_start,
-                        residual=self.layout.residual, view=view,
-                    )  # fmt: skip
-                return out.astype(q.dtype)  # [batch, t, heads * head_dim]
-            except NotImplementedError:
-                if auto:
-                    return None
-                raise
-        try:
-            return dispatch.hier_attention(
-                q, q_positions,
-                self.k_hi[layer], self.k_lo[layer] if lo else None,
-                self.k_scale[layer], self.k_min[layer],
-                self.v_hi[layer], self.v_lo[layer] if lo else None,
-                self.v_scale[layer], self.v_min[layer],
-                self.k_buf[layer], self.v_buf[layer], self.buf_start,
-                residual=self.layout.residual, view=view,
-                impl="pallas" if auto else impl,
+        with jax.named_scope(f"hier_attention_{impl}"):
+            out = dispatch.hier_cache_attention(
+                jnp.asarray(layer, jnp.int32), q, q_positions,
+                self.k_hi, self.k_lo if lo else None, self.k_scale, self.k_min,
+                self.v_hi, self.v_lo if lo else None, self.v_scale, self.v_min,
+                self.k_buf, self.v_buf, self.buf_start,
+                residual=self.layout.residual, view=view, xla_fn=lambda: None,
+                impl=None if impl == "auto" else impl,
             )  # fmt: skip
-        except NotImplementedError:
-            if auto:
-                return None
-            raise
+        return None if out is None else out.astype(q.dtype)  # [batch, t, heads * head_dim]
 
     def linear_buffer(self) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The float buffer in position order: index i holds position buf_start + i.

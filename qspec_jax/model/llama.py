@@ -113,15 +113,21 @@ def lm_head(params: Params, x: jnp.ndarray, impl: str | None = None) -> jnp.ndar
     """Logits [..., V] in float32 from final hidden states [..., D].
 
     The weights are the float head's in every mode. When `params.head_q8` holds them as int8
-    codes (the GGUF's Q8_0 head, exactly the same values) and `impl` resolves to the CPU kernels,
-    the kernel reads those 28 MB instead of the 113 MB float copy; elsewhere XLA's float dot runs.
+    codes (the GGUF's Q8_0 head, exactly the same values) and the kernel registry picks the CPU
+    kernel (`pallas_kernels.dispatch.lm_head`), it reads those 28 MB instead of the 113 MB float
+    copy; elsewhere XLA's float dot runs.
     """
     from pallas_kernels import dispatch  # noqa: PLC0415 (kernels import lazily, as in linear)
 
-    if params.head_q8 is not None and (impl or dispatch.default_impl()) == "cpu":
-        return dispatch.q8_matmul(x, params.head_q8.codes, params.head_q8.scales, impl="cpu")
-    w = float_head(params)  # [D, V]
-    return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    def float_logits(x):
+        w = float_head(params)  # [D, V]
+        return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    q8 = params.head_q8
+    codes, scales = (None, None) if q8 is None else (q8.codes, q8.scales)
+    # The registry's "lm_head" op chooses (pallas_kernels.registry): the Q8_0 kernel where the
+    # CPU kernels are this backend's choice (or impl "cpu") and the codes exist, else float.
+    return dispatch.lm_head(x, codes, scales, float_logits, impl=impl)  # [..., V] float32
 
 
 def forward(
