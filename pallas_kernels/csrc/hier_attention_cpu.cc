@@ -261,37 +261,30 @@ inline void Scores4(const Src& src, const typename Src::Tok tok[4], const float*
 
 // Weighted codes of tokens [0, n) into NR rows: acc_r[d] = alpha_r * acc_r[d] + sum_j w[r][j] *
 // code_j[d] (the sum from 0 in token order, one FMA per token; w[r][j] = 0 for keys the row does
-// not read). Channels in passes of 32 (chunks c, c + 8, hd/2 + c, hd/2 + c + 8) held in registers.
+// not read). Channels in passes of 16 (chunks c and hd/2 + c, from the same 8 bytes) held in
+// registers.
 template <int NR, class Src>
 inline void Values(const Src& src, const typename Src::Tok* tok, int64_t n, const float* w,
                    int64_t ldw, const float* alpha, float* const* acc, int64_t hd) {
   const int64_t half = hd / 2;
-  for (int64_t c = 0; c < half; c += 16) {
-    __m256 pv[NR][4];
-    for (int r = 0; r < NR; ++r)
-      for (int k = 0; k < 4; ++k) pv[r][k] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < half; c += 8) {
+    __m256 pv[NR][2];
+    for (int r = 0; r < NR; ++r) pv[r][0] = pv[r][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       __m256 lo, hi;
       src.Get(tok[j], c, lo, hi);
       for (int r = 0; r < NR; ++r) {
         const __m256 wr = _mm256_set1_ps(w[r * ldw + j]);
         pv[r][0] = _mm256_fmadd_ps(wr, lo, pv[r][0]);
-        pv[r][2] = _mm256_fmadd_ps(wr, hi, pv[r][2]);
-      }
-      src.Get(tok[j], c + 8, lo, hi);
-      for (int r = 0; r < NR; ++r) {
-        const __m256 wr = _mm256_set1_ps(w[r * ldw + j]);
-        pv[r][1] = _mm256_fmadd_ps(wr, lo, pv[r][1]);
-        pv[r][3] = _mm256_fmadd_ps(wr, hi, pv[r][3]);
+        pv[r][1] = _mm256_fmadd_ps(wr, hi, pv[r][1]);
       }
     }
-    const int64_t ch[4] = {c, c + 8, half + c, half + c + 8};
     for (int r = 0; r < NR; ++r) {
       const __m256 al = _mm256_set1_ps(alpha[r]);
-      for (int k = 0; k < 4; ++k) {
-        float* a = acc[r] + ch[k];
-        _mm256_storeu_ps(a, _mm256_add_ps(_mm256_mul_ps(al, _mm256_loadu_ps(a)), pv[r][k]));
-      }
+      float* a0 = acc[r] + c;
+      float* a1 = acc[r] + half + c;
+      _mm256_storeu_ps(a0, _mm256_add_ps(_mm256_mul_ps(al, _mm256_loadu_ps(a0)), pv[r][0]));
+      _mm256_storeu_ps(a1, _mm256_add_ps(_mm256_mul_ps(al, _mm256_loadu_ps(a1)), pv[r][1]));
     }
   }
 }
