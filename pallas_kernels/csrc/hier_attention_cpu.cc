@@ -2,31 +2,57 @@
 // hierarchical KV cache, as an XLA FFI handler (built and registered by
 // pallas_kernels/cpu_kernels.py; Python entry points in pallas_kernels/cpu_attention.py).
 //
-// Function: exactly `pallas_kernels.hier_attention.hier_attention_reference` (see the layout in
-// pallas_kernels/hier_attention.py): a query row at position p (GQA: query head i reads KV head
-// i / (h / kvh)) reads key j from the quantized part iff j < cut(p) = float_start(p) =
-// R * max(0, ceil((p - 2R) / R)), dequantized as min + float(code) * (scale * (1/16)) with code =
-// 16 u + l ("target", int8) or 16 u ("draft", upper int4 halves; the lower halves are never read),
-// and from the float ring buffer for cut(p) <= j <= p (position j at index j mod NB, held for
-// buf_start <= j < buf_start + NB). Scores are float32 dot(q, k) / float32(sqrt(hd)); softmax and
-// the weighted sum of values in float32 (online softmax).
+// Function: `pallas_kernels.hier_attention.hier_attention_reference` (see the layout in
+// pallas_kernels/hier_attention.py) up to float32 rounding: a query row at position p (GQA: query
+// head i reads KV head i / (h / kvh)) reads key j from the quantized part iff j < cut(p) =
+// float_start(p) = R * max(0, ceil((p - 2R) / R)), dequantized as min + float(code) * (scale *
+// (1/16)) with code = 16 u + l ("target", int8) or 16 u ("draft", upper int4 halves; the lower
+// halves are never read), and from the float ring buffer for cut(p) <= j <= p (position j at
+// index j mod NB, held for buf_start <= j < buf_start + NB). Scores are dot(q, k) / sqrt(hd);
+// softmax and the weighted sum of values in float32 (online softmax).
 //
-// The codes are read packed and dequantized next to the dot product: a block of kBlock tokens of
-// one KV head is dequantized into an L1-resident tile (kBlock x hd floats), used by every query
-// row of that head, then overwritten by the next block. No float copy of the cache is made.
+// How the quantized part is read (no dequantized key or value is ever formed):
+// * keys: the per-channel key scales are folded into the query once per key group and row,
+//   qs = q * step (step = scale / 16 for "target", scale for "draft"), bias = sum_d q[d] * x0[d]
+//   (x0 = min - scale / 2 for "target", min for "draft"), so a score is
+//   (bias + sum_d qs[d] * c[d]) / sqrt(hd) with c the non-negative code (16 u + l + 8 in [0, 255]
+//   for "target": the two stored nibbles side by side; u in [0, 15] for "draft");
+// * values: the per-token value scale is folded into the softmax weight, w_j = p_j * step_j, and
+//   the offsets into one scalar per row, sum_j p_j * x0_j: acc = sum_j w_j * c_j + sum_j p_j x0_j;
+// * codes: 8 packed bytes give 16 channels (vpmovzxbd, and / shift, vcvtdq2ps: exact floats),
+//   converted in registers next to the FMAs that use them when an item has <= 3 query rows (the
+//   decode / draft step of a 3-query-head GQA group: every code is loaded once for the 3 heads),
+//   else converted once per block into an L1 tile that all rows read. Both give the same floats.
+// The draft view reads and converts half the code bytes of the target view and does no nibble
+// merging: that is where its speed advantage comes from.
 //
-// Work split: items (sequence b, split s) each own the quantized positions
-// [s * kSplit, (s + 1) * kSplit), plus one item per sequence for the float buffer; an item walks
-// its positions in blocks of kBlock tokens aligned to absolute positions, for every KV head and
-// every query row, keeping a partial online softmax (max, sum, weighted values) per row. The
-// partials of a row are then combined in a fixed order (splits in order, then the buffer),
-// skipping those that hold no key of the row.
+// Error bound (against the float32 reference). Write M_j = sum_d |q[d]| (|x0[d]| + c_j[d]
+// step[d]) / sqrt(hd) for key j; both the kernel's score and the reference's are within
+// gamma(hd + 3) * M_j of the exact score of the same dequantized key (gamma(n) = n u / (1 - n u),
+// u = 2^-24: a fixed-order float32 dot product of hd terms plus the fold's two roundings), so
+// they differ by at most delta = 2 gamma(hd + 3) max_j M_j; to first order a score error delta
+// moves the output (a convex combination of values) by at most 2 max|V| delta. The value
+// folding rounds each term p_j step_j c_j and p_j x0_j at u, with |x0_j| + 255 step_j <=
+// 3.2 max|V|, a relative error of a few u of max|V| per block sum. The online softmax over 32-key
+// blocks, 256-key splits and their combination adds the same float32 reordering as before. These
+// worst-case bounds are far above what is seen: tests/kernels/test_hier_attention_cpu.py asserts
+// the unchanged tolerance 4e-6 * max|V| against the reference (measured there: see its docstring).
+//
+// Work split: items (sequence b, split s, KV head kv) each own the quantized positions
+// [s * kSplit, (s + 1) * kSplit) of one KV head, plus one item per (sequence, KV head) for the
+// float buffer; the calling thread and XLA's pool claim items one at a time. An item walks its
+// positions in blocks of kBlock tokens aligned to absolute positions, keeping a partial online
+// softmax (max, sum, weighted values) per row. The partials of a row are then combined in a fixed
+// order (splits in order, then the buffer), skipping those that hold no key of the row.
 //
 // Row independence (bit for bit): every quantity a row's result is built from (its blocks, which
-// keys of a block it reads, the lane a key occupies, the reduction trees, the splits and their
-// combination order) depends on the row's own position and on absolute positions only, never on
-// the number of rows t in the call, the batch, or the thread that runs the item. So QuantSpec's
-// verifier (gamma + 1 rows) computes exactly what the autoregressive step (one row) computes.
+// keys of a block it reads, its key groups' folded queries, the lane a channel occupies, the
+// reduction trees, the splits and their combination order) depends on the row's own query and
+// position and on absolute positions only, never on the number of rows t in the call, the batch,
+// the thread that runs the item, or whether the codes were converted in registers or into the
+// tile (the same exact floats, the same FMAs in the same order). Keys of a block that a row does
+// not read get weight +0 exactly. So QuantSpec's verifier (gamma + 1 rows) computes exactly what
+// the autoregressive step (one row) computes.
 // Built with -ffp-contract=off (see int4_cpu.cc): no implicit FMA contraction that could differ
 // between two inlined copies; the FMAs below are explicit intrinsics.
 
@@ -39,16 +65,15 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
-#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using qspec_cpu::HSum;
-using qspec_cpu::ParallelFor;
 
 namespace {
 
@@ -595,7 +620,8 @@ void BufferItem(const Problem& P, const Rows& R, const Partials& part, int64_t b
 
 // Runs fn(i) for i in [0, n), one index at a time claimed from a shared counter by the calling
 // thread and XLA's intra-op pool (items differ in size: fine-grained claiming keeps both cores
-// busy to the end). The caller waits only for items another thread has claimed.
+// busy to the end; qspec_cpu::ParallelFor's two chunks per thread left one core idle for about a
+// tenth of a call here). The caller waits only for items another thread has claimed.
 template <typename F>
 void ParallelItems(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
@@ -622,7 +648,14 @@ void ParallelItems(ffi::ThreadPool& pool, int64_t n, const F& fn) {
     pool.Schedule(std::move(task));
   }
   work();
-  while (state->done.load(std::memory_order_acquire) < n) _mm_pause();
+  // Wait for items a helper claimed; on a loaded machine that helper may be waiting for this
+  // very core, so after a short spin the caller yields it.
+  for (int64_t spin = 0; state->done.load(std::memory_order_acquire) < n; ++spin) {
+    if (spin < 4096)
+      _mm_pause();
+    else
+      std::this_thread::yield();
+  }
 }
 
 // `for_each(n, fn)` runs fn(i) for every item i in [0, n) (in any order, on any threads).
