@@ -166,7 +166,9 @@ def main() -> int:
                 for view in ("target", "draft")
                 if f"cpu-{view}" in outs and f"xla-{view}" in outs
             }
-            bw = {n: bw_bytes / statistics.median(bw_times[n][-args.rounds :]) / 1e9 for n in (1, 2)}
+            bw = {
+                n: bw_bytes / statistics.median(bw_times[n][-args.rounds :]) / 1e9 for n in (1, 2)
+            }
             best_bw = max(bw.values())
             for p in paths:
                 med = statistics.median(times[p])
@@ -180,14 +182,18 @@ def main() -> int:
                         min_ms=min(times[p]) * 1e3,
                         bytes=nbytes,
                         gb_per_s=nbytes / med / 1e9,
-                        vs_float=(statistics.median(times["float"]) / med if "float" in times
-                                  else None),
+                        vs_float=(
+                            statistics.median(times["float"]) / med if "float" in times else None
+                        ),
                         max_abs_diff_cpu_vs_xla=agree.get(p.split("-")[-1]),
                         read_bw_1thread_gb_per_s=bw[1],
                         read_bw_2threads_gb_per_s=bw[2],
                         frac_bw=nbytes / med / 1e9 / best_bw,
-                        draft_vs_target=(statistics.median(times["cpu-target"]) / med
-                                         if p == "cpu-draft" else None),
+                        draft_vs_target=(
+                            statistics.median(times["cpu-target"]) / med
+                            if p == "cpu-draft"
+                            else None
+                        ),
                     )  # fmt: skip
                 )
                 r = rows[-1]
