@@ -13,9 +13,18 @@ t = 6 (gamma = 5 verification) query rows at positions ctx .. ctx + t - 1:
 
 Paths alternate within each round; per path the median over rounds is reported, with the bytes
 the path must read (codes + scales + float buffer, or the float cache, summed over layers) and
-the achieved GB/s (bytes / median time).
+the achieved GB/s (bytes / median time), and the median process CPU time per call (all threads:
+on a machine shared with other jobs wall time includes waiting for a core, CPU time much less).
+
+The machine's read bandwidth is measured in the same run, in the same rounds (so under the same
+load): a streaming read of a buffer of the size of the 8k int8 (target) cache of all 30 layers
+(`read_bandwidth`: numpy's sum of a float64 array, on one thread and split over two threads; numpy
+releases the GIL in the reduction). Each path's ``frac_bw`` is its GB/s over the larger of the
+two medians (the machine's best measured read bandwidth), and ``draft_vs_target`` is the cpu-draft
+speed over the cpu-target speed (same context and t).
 
     python experiments/bench_hier_attention_cpu.py [--contexts 1024,2048,4096,8192] [--rounds 15]
+        [--paths float,xla-target,xla-draft,cpu-target,cpu-draft]
 
 Writes experiments/results/bench_hier_attention_cpu.json and prints a markdown table.
 """
@@ -23,6 +32,7 @@ Writes experiments/results/bench_hier_attention_cpu.json and prints a markdown t
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import platform
 import statistics
@@ -50,12 +60,25 @@ def bytes_read(path: str, ctx_pos: int, cfg, residual: int, group: int) -> int:
     return int(nl * (codes + scales + floats))
 
 
+def read_bandwidth(buf, threads: int, pool) -> float:
+    """Seconds to stream-read `buf` (a float64 array) once: numpy sums over `threads` slices."""
+    if threads == 1:
+        t0 = time.perf_counter()
+        buf.sum()
+        return time.perf_counter() - t0
+    parts = [buf[i * buf.size // threads : (i + 1) * buf.size // threads] for i in range(threads)]
+    t0 = time.perf_counter()
+    list(pool.map(lambda x: x.sum(), parts))
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="1024,2048,4096,8192")
     ap.add_argument("--ts", default="1,6")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--residual", type=int, default=128)
+    ap.add_argument("--paths", default=",".join(PATHS), help="subset of " + ",".join(PATHS))
     ap.add_argument("--out", default="experiments/results/bench_hier_attention_cpu.json")
     args = ap.parse_args()
 
@@ -75,7 +98,17 @@ def main() -> int:
     nl, kvh, hd, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     contexts = [int(x) for x in args.contexts.split(",")]
     ts = [int(x) for x in args.ts.split(",")]
+    paths = tuple(args.paths.split(","))
+    if not set(paths) <= set(PATHS) or "cpu-target" not in paths:
+        print(f"--paths must be a subset of {','.join(PATHS)} including cpu-target",
+              file=sys.stderr)  # fmt: skip
+        return 2
     rows = []
+    # A buffer of the size of the 8k target cache (codes, scales and buffer, all layers).
+    bw_bytes = bytes_read("cpu-target", 8192, cfg, args.residual, args.residual)
+    bw_buf = np.ones(bw_bytes // 8, np.float64)  # touched: resident before timing
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    bw_times = {1: [], 2: []}
 
     def all_layers(view):
         def f(cache, q, pos):
@@ -105,7 +138,7 @@ def main() -> int:
             fc, fc.prefill_cache(cap).replace(k=k, v=v), lens
         )
         caches = {"float": fc}
-        for impl in ("xla", "cpu"):
+        for impl in [i for i in ("xla", "cpu") if any(p.startswith(i) for p in paths)]:
             hc = HierKVCache.init(
                 cfg, 1, cap, residual=args.residual, step_tokens=max(ts), attention_impl=impl
             )
@@ -117,25 +150,30 @@ def main() -> int:
             q = jnp.asarray(rng.standard_normal((1, t, h, hd), np.float32))
             pos = jnp.asarray(ctx + np.arange(t)[None], jnp.int32)  # [1, t]
             calls = {  # path -> (jitted function, cache)
-                "float": (fns["float"], caches["float"]),
-                "xla-target": (fns["target"], caches["xla"]),
-                "xla-draft": (fns["draft"], caches["xla"]),
-                "cpu-target": (fns["target"], caches["cpu"]),
-                "cpu-draft": (fns["draft"], caches["cpu"]),
+                p: (fns[p.split("-")[-1]], caches[p.split("-")[0]]) for p in paths
             }
             outs = {p: np.asarray(f(c, q, pos)) for p, (f, c) in calls.items()}  # compile
-            times = {p: [] for p in PATHS}
+            times = {p: [] for p in paths}
+            cpu_times = {p: [] for p in paths}  # process CPU time (all threads) per call
             for _ in range(args.rounds):
-                for p in PATHS:
+                for p in paths:
                     f, c = calls[p]
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     jax.block_until_ready(f(c, q, pos))
                     times[p].append(time.perf_counter() - t0)
+                    cpu_times[p].append(time.process_time() - c0)
+                for n in (1, 2):
+                    bw_times[n].append(read_bandwidth(bw_buf, n, pool))
             agree = {
                 view: float(np.abs(outs[f"cpu-{view}"] - outs[f"xla-{view}"]).max())
                 for view in ("target", "draft")
+                if f"cpu-{view}" in outs and f"xla-{view}" in outs
             }
-            for p in PATHS:
+            bw = {
+                n: bw_bytes / statistics.median(bw_times[n][-args.rounds :]) / 1e9 for n in (1, 2)
+            }
+            best_bw = max(bw.values())
+            for p in paths:
                 med = statistics.median(times[p])
                 nbytes = bytes_read(p, ctx + t - 1, cfg, args.residual, group)
                 rows.append(
@@ -145,27 +183,53 @@ def main() -> int:
                         path=p,
                         median_ms=med * 1e3,
                         min_ms=min(times[p]) * 1e3,
+                        median_cpu_ms=statistics.median(cpu_times[p]) * 1e3,
                         bytes=nbytes,
                         gb_per_s=nbytes / med / 1e9,
-                        vs_float=statistics.median(times["float"]) / med,
+                        vs_float=(
+                            statistics.median(times["float"]) / med if "float" in times else None
+                        ),
                         max_abs_diff_cpu_vs_xla=agree.get(p.split("-")[-1]),
+                        read_bw_1thread_gb_per_s=bw[1],
+                        read_bw_2threads_gb_per_s=bw[2],
+                        frac_bw=nbytes / med / 1e9 / best_bw,
+                        draft_vs_target=(
+                            statistics.median(times["cpu-target"]) / med
+                            if p == "cpu-draft"
+                            else None
+                        ),
                     )  # fmt: skip
                 )
                 r = rows[-1]
                 print(f"ctx {ctx} t {t} {p:11s} {r['median_ms']:8.2f} ms  {nbytes / 1e6:7.1f} MB "
-                      f"{r['gb_per_s']:6.1f} GB/s  vs float {r['vs_float']:.2f}x", flush=True)  # fmt: skip
+                      f"{r['gb_per_s']:6.1f} GB/s  {100 * r['frac_bw']:5.1f}% of "
+                      f"{best_bw:.1f} GB/s (1 thr {bw[1]:.1f})"
+                      + (f"  draft/target {r['draft_vs_target']:.2f}x" if r["draft_vs_target"]
+                         else ""), flush=True)  # fmt: skip
         del caches, calls
 
-    print("\n| context | t | path | median ms (30 layers) | MB read | GB/s | speed vs float KV |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    print("\n| context | t | path | median ms (30 layers) | CPU ms | MB read | GB/s | % of read bw "
+          "| draft vs target | speed vs float KV |")  # fmt: skip
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        dvt = f"{r['draft_vs_target']:.2f}x" if r["draft_vs_target"] else ""
+        vsf = f"{r['vs_float']:.2f}x" if r["vs_float"] else ""
         print(f"| {r['context']} | {r['t']} | {r['path']} | {r['median_ms']:.2f} | "
-              f"{r['bytes'] / 1e6:.1f} | {r['gb_per_s']:.1f} | {r['vs_float']:.2f}x |")  # fmt: skip
+              f"{r['median_cpu_ms']:.1f} | {r['bytes'] / 1e6:.1f} | {r['gb_per_s']:.1f} | {100 * r['frac_bw']:.0f}% | {dvt} "
+              f"| {vsf} |")  # fmt: skip
+    med_bw = {n: statistics.median(bw_times[n]) for n in (1, 2)}
+    print(f"read bandwidth ({bw_bytes / 1e6:.1f} MB buffer, median of {len(bw_times[1])}): "
+          f"1 thread {bw_bytes / med_bw[1] / 1e9:.1f} GB/s, 2 threads "
+          f"{bw_bytes / med_bw[2] / 1e9:.1f} GB/s")  # fmt: skip
     meta = dict(
         command=" ".join(sys.argv), utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         loadavg=os.getloadavg(), machine=platform.machine(), cpus=os.cpu_count(),
         python=platform.python_version(), jax=jax.__version__, model_shapes="smollm2-135m",
-        residual=args.residual, rounds=args.rounds, batch=1,
+        residual=args.residual, rounds=args.rounds, batch=1, paths=list(paths),
+        read_bw_buffer_bytes=bw_bytes,
+        read_bw_1thread_gb_per_s=bw_bytes / med_bw[1] / 1e9,
+        read_bw_2threads_gb_per_s=bw_bytes / med_bw[2] / 1e9,
+        load="shared 2-core VM, other engineers' jobs running (see loadavg)",
     )  # fmt: skip
     write_json_atomic(args.out, dict(meta=meta, rows=rows))
     print(f"wrote {args.out}")

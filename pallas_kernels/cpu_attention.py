@@ -4,7 +4,7 @@
 `pallas_kernels.hier_attention.hier_attention_reference` (see that module for the cache layout
 and the exact math) over one layer of the hierarchical KV cache, for the "target" view (int8
 codes = upper + lower int4 halves) and the "draft" view (upper halves only), plus the float ring
-buffer. It reads the packed codes and dequantizes them block by block next to the dot products
+buffer. It reads the packed codes and converts them to floats next to the FMAs, with the key scales folded into the query and the value scales into the softmax weights (no dequantized key or value is formed)
 (AVX2 + FMA, float32 online softmax), on the calling thread and XLA's intra-op pool; no float
 copy of the cache is made. A query row's result is computed by the same operation sequence
 whatever the number of rows in the call and the batch (block and split boundaries are absolute

@@ -2,31 +2,57 @@
 // hierarchical KV cache, as an XLA FFI handler (built and registered by
 // pallas_kernels/cpu_kernels.py; Python entry points in pallas_kernels/cpu_attention.py).
 //
-// Function: exactly `pallas_kernels.hier_attention.hier_attention_reference` (see the layout in
-// pallas_kernels/hier_attention.py): a query row at position p (GQA: query head i reads KV head
-// i / (h / kvh)) reads key j from the quantized part iff j < cut(p) = float_start(p) =
-// R * max(0, ceil((p - 2R) / R)), dequantized as min + float(code) * (scale * (1/16)) with code =
-// 16 u + l ("target", int8) or 16 u ("draft", upper int4 halves; the lower halves are never read),
-// and from the float ring buffer for cut(p) <= j <= p (position j at index j mod NB, held for
-// buf_start <= j < buf_start + NB). Scores are float32 dot(q, k) / float32(sqrt(hd)); softmax and
-// the weighted sum of values in float32 (online softmax).
+// Function: `pallas_kernels.hier_attention.hier_attention_reference` (see the layout in
+// pallas_kernels/hier_attention.py) up to float32 rounding: a query row at position p (GQA: query
+// head i reads KV head i / (h / kvh)) reads key j from the quantized part iff j < cut(p) =
+// float_start(p) = R * max(0, ceil((p - 2R) / R)), dequantized as min + float(code) * (scale *
+// (1/16)) with code = 16 u + l ("target", int8) or 16 u ("draft", upper int4 halves; the lower
+// halves are never read), and from the float ring buffer for cut(p) <= j <= p (position j at
+// index j mod NB, held for buf_start <= j < buf_start + NB). Scores are dot(q, k) / sqrt(hd);
+// softmax and the weighted sum of values in float32 (online softmax).
 //
-// The codes are read packed and dequantized next to the dot product: a block of kBlock tokens of
-// one KV head is dequantized into an L1-resident tile (kBlock x hd floats), used by every query
-// row of that head, then overwritten by the next block. No float copy of the cache is made.
+// How the quantized part is read (no dequantized key or value is ever formed):
+// * keys: the per-channel key scales are folded into the query once per key group and row,
+//   qs = q * step (step = scale / 16 for "target", scale for "draft"), bias = sum_d q[d] * x0[d]
+//   (x0 = min - scale / 2 for "target", min for "draft"), so a score is
+//   (bias + sum_d qs[d] * c[d]) / sqrt(hd) with c the non-negative code (16 u + l + 8 in [0, 255]
+//   for "target": the two stored nibbles side by side; u in [0, 15] for "draft");
+// * values: the per-token value scale is folded into the softmax weight, w_j = p_j * step_j, and
+//   the offsets into one scalar per row, sum_j p_j * x0_j: acc = sum_j w_j * c_j + sum_j p_j x0_j;
+// * codes: 8 packed bytes give 16 channels (vpmovzxbd, and / shift, vcvtdq2ps: exact floats),
+//   converted in registers next to the FMAs that use them when an item has <= 3 query rows (the
+//   decode / draft step of a 3-query-head GQA group: every code is loaded once for the 3 heads),
+//   else converted once per block into an L1 tile that all rows read. Both give the same floats.
+// The draft view reads and converts half the code bytes of the target view and does no nibble
+// merging: that is where its speed advantage comes from.
 //
-// Work split: items (sequence b, split s) each own the quantized positions
-// [s * kSplit, (s + 1) * kSplit), plus one item per sequence for the float buffer; an item walks
-// its positions in blocks of kBlock tokens aligned to absolute positions, for every KV head and
-// every query row, keeping a partial online softmax (max, sum, weighted values) per row. The
-// partials of a row are then combined in a fixed order (splits in order, then the buffer),
-// skipping those that hold no key of the row.
+// Error bound (against the float32 reference). Write M_j = sum_d |q[d]| (|x0[d]| + c_j[d]
+// step[d]) / sqrt(hd) for key j; both the kernel's score and the reference's are within
+// gamma(hd + 3) * M_j of the exact score of the same dequantized key (gamma(n) = n u / (1 - n u),
+// u = 2^-24: a fixed-order float32 dot product of hd terms plus the fold's two roundings), so
+// they differ by at most delta = 2 gamma(hd + 3) max_j M_j; to first order a score error delta
+// moves the output (a convex combination of values) by at most 2 max|V| delta. The value
+// folding rounds each term p_j step_j c_j and p_j x0_j at u, with |x0_j| + 255 step_j <=
+// 3.2 max|V|, a relative error of a few u of max|V| per block sum. The online softmax over 32-key
+// blocks, 256-key splits and their combination adds the same float32 reordering as before. These
+// worst-case bounds are far above what is seen: tests/kernels/test_hier_attention_cpu.py asserts
+// the unchanged tolerance 4e-6 * max|V| against the reference (measured there: see its docstring).
+//
+// Work split: items (sequence b, split s, KV head kv) each own the quantized positions
+// [s * kSplit, (s + 1) * kSplit) of one KV head, plus one item per (sequence, KV head) for the
+// float buffer; the calling thread and XLA's pool claim items one at a time. An item walks its
+// positions in blocks of kBlock tokens aligned to absolute positions, keeping a partial online
+// softmax (max, sum, weighted values) per row. The partials of a row are then combined in a fixed
+// order (splits in order, then the buffer), skipping those that hold no key of the row.
 //
 // Row independence (bit for bit): every quantity a row's result is built from (its blocks, which
-// keys of a block it reads, the lane a key occupies, the reduction trees, the splits and their
-// combination order) depends on the row's own position and on absolute positions only, never on
-// the number of rows t in the call, the batch, or the thread that runs the item. So QuantSpec's
-// verifier (gamma + 1 rows) computes exactly what the autoregressive step (one row) computes.
+// keys of a block it reads, its key groups' folded queries, the lane a channel occupies, the
+// reduction trees, the splits and their combination order) depends on the row's own query and
+// position and on absolute positions only, never on the number of rows t in the call, the batch,
+// the thread that runs the item, or whether the codes were converted in registers or into the
+// tile (the same exact floats, the same FMAs in the same order). Keys of a block that a row does
+// not read get weight +0 exactly. So QuantSpec's verifier (gamma + 1 rows) computes exactly what
+// the autoregressive step (one row) computes.
 // Built with -ffp-contract=off (see int4_cpu.cc): no implicit FMA contraction that could differ
 // between two inlined copies; the FMAs below are explicit intrinsics.
 
@@ -39,16 +65,15 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
-#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using qspec_cpu::HSum;
-using qspec_cpu::ParallelFor;
 
 namespace {
 
@@ -176,68 +201,115 @@ inline void RowBlock(const float* q, const float* const* kp, const float* const*
   }
 }
 
-// Codes of 32 channels from 16 packed bytes (hd/2 a multiple of 16): byte j's low nibble is
-// channel c0 + j, its high nibble channel c0 + hd/2 + j. Returns the four 8-channel groups
-// (c0, c0 + 8, hd/2 + c0, hd/2 + c0 + 8) as floats: 16 u (+ l for the target view), exact.
+// ---------------------------------------------------------------- the quantized part
+//
+// Codes. A quantized entry is read as a non-negative integer code c and two per-view constants:
+//   target: c = 16 u + (l + 8) in [0, 255] (the stored nibbles side by side), x = x0 + c * step
+//           with step = scale * (1/16) and x0 = min - scale * 0.5 (the int8 code is c - 8);
+//   draft:  c = u in [0, 15], x = min + c * scale (float(16 u) * (scale / 16) == u * scale).
+// The float(c) are exact, so every term below is the reference's dequantized entry up to where
+// the rounding happens (see "Error bound" at the top).
+
+// The code vectors of 16 channels from 8 packed bytes (byte j: channel c0 + j in the low nibble,
+// channel c0 + hd/2 + j in the high nibble): lo = channels c0 .. c0 + 7, hi = channels
+// c0 + hd/2 .. c0 + hd/2 + 7, as exact floats.
 template <bool kTarget>
-inline void Codes32(const uint8_t* h, const uint8_t* l, __m256 out[4]) {
-  const __m256i nib = _mm256_set1_epi16(0xF);
-  const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-  __m256i ca = _mm256_slli_epi16(_mm256_and_si256(u, nib), 4);
-  __m256i cb = _mm256_slli_epi16(_mm256_srli_epi16(u, 4), 4);
+inline void Codes16(const uint8_t* h, const uint8_t* l, __m256& lo, __m256& hi) {
+  const __m256i hv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
+  const __m256i m4 = _mm256_set1_epi32(0x0F);
   if (kTarget) {
-    const __m256i eight = _mm256_set1_epi16(8);
-    const __m256i w =
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(l)));
-    ca = _mm256_add_epi16(ca, _mm256_sub_epi16(_mm256_and_si256(w, nib), eight));
-    cb = _mm256_add_epi16(cb, _mm256_sub_epi16(_mm256_srli_epi16(w, 4), eight));
+    const __m256i lv =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(l)));
+    const __m256i a = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(hv, m4), 4),
+                                      _mm256_and_si256(lv, m4));
+    const __m256i b =
+        _mm256_or_si256(_mm256_and_si256(hv, _mm256_set1_epi32(0xF0)), _mm256_srli_epi32(lv, 4));
+    lo = _mm256_cvtepi32_ps(a);
+    hi = _mm256_cvtepi32_ps(b);
+  } else {
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(hv, m4));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(hv, 4));
   }
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(ca)));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(ca, 1)));
-  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(cb)));
-  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(cb, 1)));
 }
 
-// Dequantizes `n` tokens of one KV head into dst [n, hd]: codes hi (and lo) packed [hd/2] per
-// token at stride `tok_stride` bytes; dst = min + float(code) * (scale * (1/16)), the reference's
-// formula and rounding. Keys (kPerChannel): scales / mins per channel, row pointers per token
-// (`scale_rows[i]`, one row per key group); values: one scale / min per token (`tok_scale`,
-// `tok_min` at stride `tok_scale_stride`).
-template <bool kTarget, bool kPerChannel>
-inline void Dequant(const uint8_t* hi, const uint8_t* lo, int64_t tok_stride, int64_t n,
-                    int64_t hd, const float* const* scale_rows, const float* const* min_rows,
-                    const float* tok_scale, const float* tok_min, int64_t tok_scale_stride,
-                    float* dst) {
+// Where a block's codes come from. PackedSrc converts the packed bytes in registers next to
+// their use (few query rows: each code is used by <= 3 rows); TileSrc reads a float tile the
+// block was converted into once (many rows). Both give the same exact floats, so which one runs
+// (it depends on the number of rows) never changes a result.
+template <bool kTarget>
+struct PackedSrc {
+  using Tok = const uint8_t*;  // the token's upper-half bytes; lower halves at + lo_off
+  int64_t lo_off;
+  inline void Get(Tok t, int64_t c, __m256& lo, __m256& hi) const {
+    Codes16<kTarget>(t + c, kTarget ? t + lo_off + c : nullptr, lo, hi);
+  }
+};
+
+struct TileSrc {
+  using Tok = const float*;  // the token's row of hd floats
+  int64_t half;
+  inline void Get(Tok t, int64_t c, __m256& lo, __m256& hi) const {
+    lo = _mm256_loadu_ps(t + c);
+    hi = _mm256_loadu_ps(t + half + c);
+  }
+};
+
+// Raw scores (without the bias and 1/sqrt(hd)) of NR rows against 4 tokens: lane d of token k's
+// accumulator gathers qs[c + d] * code[c + d] over the channel chunks in a fixed order (for byte
+// offsets c = 0, 8, ..: chunk c, then chunk hd/2 + c, one FMA each), then the 8 lanes are summed
+// in a fixed tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), the same for every token
+// whichever tokens share the call. out[r * ld + k] = score of row r, token k.
+template <int NR, class Src>
+inline void Scores4(const Src& src, const typename Src::Tok tok[4], const float* qs, int64_t hd,
+                    float* out, int64_t ld) {
   const int64_t half = hd / 2;
-  const __m256 sixteenth = _mm256_set1_ps(1.0f / 16.0f);
-  alignas(32) float sc[kMaxHd];  // key scale * (1/16) of the current group
-  const float* group_row = nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* h = hi + i * tok_stride;
-    const uint8_t* l = kTarget ? lo + i * tok_stride : nullptr;
-    float* out = dst + i * hd;
-    const float* mn = nullptr;
-    __m256 ts = _mm256_setzero_ps(), tm = _mm256_setzero_ps();
-    if (kPerChannel) {
-      if (scale_rows[i] != group_row) {
-        group_row = scale_rows[i];
-        for (int64_t d = 0; d < hd; d += 8)
-          _mm256_store_ps(sc + d, _mm256_mul_ps(_mm256_loadu_ps(group_row + d), sixteenth));
+  __m256 a[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < 4; ++k) a[r][k] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < half; c += 8) {
+    for (int k = 0; k < 4; ++k) {
+      __m256 lo, hi;
+      src.Get(tok[k], c, lo, hi);
+      for (int r = 0; r < NR; ++r) {
+        a[r][k] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * hd + c), lo, a[r][k]);
+        a[r][k] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * hd + half + c), hi, a[r][k]);
       }
-      mn = min_rows[i];
-    } else {
-      ts = _mm256_mul_ps(_mm256_set1_ps(tok_scale[i * tok_scale_stride]), sixteenth);
-      tm = _mm256_set1_ps(tok_min[i * tok_scale_stride]);
     }
-    for (int64_t c = 0; c < half; c += 16) {
-      __m256 f[4];
-      Codes32<kTarget>(h + c, kTarget ? l + c : nullptr, f);
-      const int64_t ch[4] = {c, c + 8, half + c, half + c + 8};
-      for (int k = 0; k < 4; ++k) {
-        const __m256 s = kPerChannel ? _mm256_load_ps(sc + ch[k]) : ts;
-        const __m256 m = kPerChannel ? _mm256_loadu_ps(mn + ch[k]) : tm;
-        _mm256_storeu_ps(out + ch[k], _mm256_add_ps(m, _mm256_mul_ps(f[k], s)));
+  }
+  for (int r = 0; r < NR; ++r) {
+    const __m256 h01 = _mm256_hadd_ps(a[r][0], a[r][1]), h23 = _mm256_hadd_ps(a[r][2], a[r][3]);
+    const __m256 h = _mm256_hadd_ps(h01, h23);
+    _mm_storeu_ps(out + r * ld,
+                  _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+}
+
+// Weighted codes of tokens [0, n) into NR rows: acc_r[d] = alpha_r * acc_r[d] + sum_j w[r][j] *
+// code_j[d] (the sum from 0 in token order, one FMA per token; w[r][j] = 0 for keys the row does
+// not read). Channels in passes of 16 (chunks c and hd/2 + c, from the same 8 bytes) held in
+// registers.
+template <int NR, class Src>
+inline void Values(const Src& src, const typename Src::Tok* tok, int64_t n, const float* w,
+                   int64_t ldw, const float* alpha, float* const* acc, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t c = 0; c < half; c += 8) {
+    __m256 pv[NR][2];
+    for (int r = 0; r < NR; ++r) pv[r][0] = pv[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      __m256 lo, hi;
+      src.Get(tok[j], c, lo, hi);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 wr = _mm256_set1_ps(w[r * ldw + j]);
+        pv[r][0] = _mm256_fmadd_ps(wr, lo, pv[r][0]);
+        pv[r][1] = _mm256_fmadd_ps(wr, hi, pv[r][1]);
       }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 al = _mm256_set1_ps(alpha[r]);
+      float* a0 = acc[r] + c;
+      float* a1 = acc[r] + half + c;
+      _mm256_storeu_ps(a0, _mm256_add_ps(_mm256_mul_ps(al, _mm256_loadu_ps(a0)), pv[r][0]));
+      _mm256_storeu_ps(a1, _mm256_add_ps(_mm256_mul_ps(al, _mm256_loadu_ps(a1)), pv[r][1]));
     }
   }
 }
@@ -260,147 +332,383 @@ inline int64_t FloatStart(int64_t p, int64_t r) {
   return r * std::max<int64_t>(0, f);
 }
 
-// Partials: [B, S + 1, kvh, rows, hd + 2] (acc[hd], m, l); slot S is the float buffer.
+// Partials: [B, S + 1, kvh, rows, hd + 2] (acc[hd], m, l); slot S is the float buffer. Each work
+// item initializes the slots it owns; the combination reads only owned slots.
 struct Partials {
-  std::vector<float> data;
+  float* data;
   int64_t slots, kvh, rows, hd;
-  float* At(int64_t b, int64_t s, int64_t kv, int64_t r) {
-    return data.data() + (((b * slots + s) * kvh + kv) * rows + r) * (hd + 2);
+  float* At(int64_t b, int64_t s, int64_t kv, int64_t r) const {
+    return data + (((b * slots + s) * kvh + kv) * rows + r) * (hd + 2);
   }
 };
 
-template <bool kTarget>
-void RunItem(const Problem& P, Partials& part, int64_t b, int64_t s, bool buffer, float* kt,
-             float* vt, const float* zero) {
-  const int64_t g = P.h / P.kvh, hd = P.hd, half = hd / 2;
-  const float sqrt_hd = static_cast<float>(std::sqrt(static_cast<double>(hd)));
-  std::vector<int64_t> cut(P.t), pos(P.t);
-  int64_t max_cut = 0, max_pos = -1, min_lo = INT64_MAX;
-  const int64_t bstart = P.buf_start[b];
+// A 32-byte aligned float scratch area reused by a thread across calls (never shrinks).
+inline float* ThreadScratch(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n + 8) v.resize(n + 8);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 31) & ~uintptr_t{31});
+}
+
+// Rows of one call for sequence b: row r = ti * g + gi is query head kv * g + gi of token ti.
+struct Rows {
+  int64_t n;                 // t * g
+  std::vector<int64_t> cut;  // per token ti: min(float_start(pos), Q)
+  std::vector<int64_t> pos;
+  int64_t max_cut, max_pos, min_lo;
+};
+
+Rows RowsOf(const Problem& P, int64_t b) {
+  Rows R;
+  R.n = P.t * (P.h / P.kvh);
+  R.cut.resize(P.t);
+  R.pos.resize(P.t);
+  R.max_cut = 0;
+  R.max_pos = -1;
+  R.min_lo = INT64_MAX;
   for (int64_t ti = 0; ti < P.t; ++ti) {
-    pos[ti] = P.pos[b * P.t + ti];
-    cut[ti] = std::min(FloatStart(pos[ti], P.residual), P.q_cap);
-    max_cut = std::max(max_cut, cut[ti]);
-    max_pos = std::max(max_pos, pos[ti]);
-    min_lo = std::min(min_lo, std::max(cut[ti], bstart));
+    R.pos[ti] = P.pos[b * P.t + ti];
+    R.cut[ti] = std::min(FloatStart(R.pos[ti], P.residual), P.q_cap);
+    R.max_cut = std::max(R.max_cut, R.cut[ti]);
+    R.max_pos = std::max(R.max_pos, R.pos[ti]);
+    R.min_lo = std::min(R.min_lo, std::max(R.cut[ti], static_cast<int64_t>(P.buf_start[b])));
   }
-  const float* kp[kBlock];
-  const float* vp[kBlock];
-  const float* srow[kBlock];
-  const float* mrow[kBlock];
-  if (!buffer) {
-    const int64_t first = s * kSplit, end = std::min({first + kSplit, max_cut, P.q_cap});
-    const int64_t tok = P.kvh * half;  // bytes between tokens
-    for (int64_t j0 = first; j0 < end; j0 += kBlock) {
-      const int64_t n = std::min(kBlock, end - j0);
-      for (int64_t i = 0; i < kBlock; ++i) {
-        kp[i] = i < n ? kt + i * hd : zero;
-        vp[i] = i < n ? vt + i * hd : zero;
-      }
-      for (int64_t kv = 0; kv < P.kvh; ++kv) {
-        const int64_t c0 = ((b * P.q_cap + j0) * P.kvh + kv) * half;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t grp = (b * P.n_groups + (j0 + i) / P.group) * P.kvh + kv;
-          srow[i] = P.k_scale + grp * hd;
-          mrow[i] = P.k_min + grp * hd;
-        }
-        Dequant<kTarget, true>(P.k_hi + c0, kTarget ? P.k_lo + c0 : nullptr, tok, n, hd, srow,
-                               mrow, nullptr, nullptr, 0, kt);
-        const int64_t t0 = (b * P.q_cap + j0) * P.kvh + kv;
-        Dequant<kTarget, false>(P.v_hi + c0, kTarget ? P.v_lo + c0 : nullptr, tok, n, hd, nullptr,
-                                nullptr, P.v_scale + t0, P.v_min + t0, P.kvh, vt);
-        for (int64_t ti = 0; ti < P.t; ++ti) {
-          const int64_t hi = std::min(kBlock, cut[ti] - j0);
-          if (hi <= 0) continue;
-          for (int64_t gi = 0; gi < g; ++gi) {
-            const int64_t r = ti * g + gi;
-            float* pr = part.At(b, s, kv, r);
-            const float* q = P.q + ((b * P.t + ti) * P.h + kv * g + gi) * hd;
-            RowBlock(q, kp, vp, 0, hi, hd, sqrt_hd, RowState{pr + hd, pr + hd + 1, pr});
-          }
+  return R;
+}
+
+// Up to this many rows per item convert the codes in registers (PackedSrc, once per 3 rows);
+// more rows convert each block into a float tile once (TileSrc).
+constexpr int64_t kPackedRows = 3;
+
+// One (sequence b, split s, KV head kv) item: quantized positions [s * kSplit, (s + 1) * kSplit)
+// below the rows' cut, in kBlock-token blocks aligned to absolute positions.
+//   keys:   s[r][j] = (bias_r + sum_d qs_r[d] * c_j[d]) / sqrt(hd), with qs_r = q_r * step_k and
+//           bias_r = sum_d q_r[d] * x0_k[d] per key group (the key scales folded into the query);
+//   values: sum_j p_j V_j = sum_j (p_j * step_v[j]) * c_j + sum_j p_j * x0_v[j] (the value
+//           scales folded into the softmax weights; the constant part kept per row, added to
+//           acc once at the end of the item).
+template <bool kTarget>
+void CodesItem(const Problem& P, const Rows& R, const Partials& part, int64_t b, int64_t s,
+               int64_t kv) {
+  const int64_t g = P.h / P.kvh, hd = P.hd, half = hd / 2, nr = R.n;
+  const float sqrt_hd = static_cast<float>(std::sqrt(static_cast<double>(hd)));
+  constexpr int64_t ld = kBlock + 4;  // score row stride (Scores4 may write 3 past a run)
+  thread_local std::vector<float> store;
+  float* qs = ThreadScratch(store, nr * (hd + 2 * ld + 4) + 2 * kBlock * hd + 4 * kBlock + hd);
+  float* sc = qs + nr * hd;  // [nr, ld] scores, then weights
+  float* wt = sc + nr * ld;  // [nr, ld]
+  float* bias = wt + nr * ld;
+  float* cst = bias + nr;
+  float* alpha = cst + nr;
+  float* kt = qs + (nr * (hd + 2 * ld + 3) + 7) / 8 * 8;  // [kBlock, hd] key codes (TileSrc)
+  float* vt = kt + kBlock * hd;
+  float* vstep = vt + kBlock * hd;  // [kBlock]
+  float* vx0 = vstep + kBlock;
+  float* zero = vx0 + kBlock;  // [hd] zeros: dummy token rows
+  std::fill(zero, zero + hd, 0.0f);
+  for (int64_t r = 0; r < nr; ++r) {
+    float* pr = part.At(b, s, kv, r);
+    std::fill(pr, pr + hd, 0.0f);
+    pr[hd] = kNeg;
+    pr[hd + 1] = 0.0f;
+    cst[r] = 0.0f;
+  }
+  const bool packed = nr <= kPackedRows;
+  const int64_t first = s * kSplit, end = std::min(first + kSplit, R.max_cut);
+  const int64_t tok = P.kvh * half;  // bytes between tokens
+  const int64_t base = ((b * P.q_cap) * P.kvh + kv) * half;
+  const uint8_t* khi = P.k_hi + base;
+  const uint8_t* vhi = P.v_hi + base;
+  const PackedSrc<kTarget> ksrc{kTarget ? P.k_lo - P.k_hi : 0};
+  const PackedSrc<kTarget> vsrc{kTarget ? P.v_lo - P.v_hi : 0};
+  const TileSrc tsrc{half};
+  const float kfac = kTarget ? 1.0f / 16.0f : 1.0f;
+  const __m256 kfv = _mm256_set1_ps(kfac), halfv = _mm256_set1_ps(0.5f);
+  int64_t cur_grp = -1;
+  const uint8_t* ptok[kBlock + 4];
+  const float* ftok[kBlock + 4];
+  for (int64_t j0 = first; j0 < end; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - j0);
+    for (int64_t i = 0; i < kBlock + 4; ++i) {
+      ptok[i] = khi + (j0 + (i < n ? i : 0)) * tok;  // past n: a real token, score unused
+      ftok[i] = i < n ? kt + i * hd : zero;
+    }
+    if (!packed) {  // convert the block's key and value codes once
+      for (int64_t i = 0; i < n; ++i) {
+        const uint8_t* kh = khi + (j0 + i) * tok;
+        const uint8_t* vh = vhi + (j0 + i) * tok;
+        for (int64_t c = 0; c < half; c += 8) {
+          __m256 lo, hi;
+          ksrc.Get(kh, c, lo, hi);
+          _mm256_storeu_ps(kt + i * hd + c, lo);
+          _mm256_storeu_ps(kt + i * hd + half + c, hi);
+          vsrc.Get(vh, c, lo, hi);
+          _mm256_storeu_ps(vt + i * hd + c, lo);
+          _mm256_storeu_ps(vt + i * hd + half + c, hi);
         }
       }
     }
-    return;
-  }
-  // The float buffer: positions [max(cut, buf_start), min(p + 1, buf_start + NB)) per row.
-  const int64_t end = std::min(max_pos + 1, bstart + P.nbuf);
-  for (int64_t j0 = (min_lo / kBlock) * kBlock; j0 < end; j0 += kBlock) {
-    for (int64_t kv = 0; kv < P.kvh; ++kv) {
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int64_t j = j0 + i;
-        if (j < bstart || j >= bstart + P.nbuf) {
-          kp[i] = vp[i] = zero;
-          continue;
+    // Scores, in runs of one key group (a new group: fold its scales into the queries).
+    for (int64_t i = 0; i < n;) {
+      const int64_t grp = (j0 + i) / P.group;
+      const int64_t iend = std::min(n, (grp + 1) * P.group - j0);
+      if (grp != cur_grp) {
+        cur_grp = grp;
+        const int64_t goff = ((b * P.n_groups + grp) * P.kvh + kv) * hd;
+        const float* ks = P.k_scale + goff;
+        const float* km = P.k_min + goff;
+        for (int64_t r = 0; r < nr; ++r) {
+          const float* q = P.q + ((b * P.t + r / g) * P.h + kv * g + r % g) * hd;
+          __m256 bacc = _mm256_setzero_ps();
+          for (int64_t d = 0; d < hd; d += 8) {
+            const __m256 ksv = _mm256_loadu_ps(ks + d), qv = _mm256_loadu_ps(q + d);
+            const __m256 x0 = kTarget ? _mm256_sub_ps(_mm256_loadu_ps(km + d),
+                                                      _mm256_mul_ps(ksv, halfv))
+                                      : _mm256_loadu_ps(km + d);
+            _mm256_store_ps(qs + r * hd + d, _mm256_mul_ps(qv, _mm256_mul_ps(ksv, kfv)));
+            bacc = _mm256_fmadd_ps(qv, x0, bacc);
+          }
+          bias[r] = HSum(bacc);
         }
-        const int64_t off = ((b * P.nbuf + j % P.nbuf) * P.kvh + kv) * hd;
-        kp[i] = P.k_buf + off;
-        vp[i] = P.v_buf + off;
       }
-      for (int64_t ti = 0; ti < P.t; ++ti) {
-        const int64_t lo = std::max<int64_t>(std::max(cut[ti], bstart) - j0, 0);
-        const int64_t hi = std::min({kBlock, pos[ti] + 1 - j0, bstart + P.nbuf - j0});
-        if (lo >= hi) continue;
-        for (int64_t gi = 0; gi < g; ++gi) {
-          const int64_t r = ti * g + gi;
-          float* pr = part.At(b, part.slots - 1, kv, r);
-          const float* q = P.q + ((b * P.t + ti) * P.h + kv * g + gi) * hd;
-          RowBlock(q, kp, vp, lo, hi, hd, sqrt_hd, RowState{pr + hd, pr + hd + 1, pr});
+      for (int64_t i4 = i; i4 < iend; i4 += 4) {
+        const int64_t cnt = std::min<int64_t>(4, iend - i4);
+        for (int64_t r0 = 0; r0 < nr; r0 += 3) {
+          const int64_t k = std::min<int64_t>(3, nr - r0);
+          float* o = sc + r0 * ld + i4;
+          const float* qr = qs + r0 * hd;
+          if (packed) {
+            const uint8_t* tk[4];
+            for (int u = 0; u < 4; ++u) tk[u] = ptok[u < cnt ? i4 + u : i4];
+            if (k == 3) Scores4<3>(ksrc, tk, qr, hd, o, ld);
+            else if (k == 2) Scores4<2>(ksrc, tk, qr, hd, o, ld);
+            else Scores4<1>(ksrc, tk, qr, hd, o, ld);
+          } else {
+            const float* tk[4];
+            for (int u = 0; u < 4; ++u) tk[u] = u < cnt ? ftok[i4 + u] : zero;
+            if (k == 3) Scores4<3>(tsrc, tk, qr, hd, o, ld);
+            else if (k == 2) Scores4<2>(tsrc, tk, qr, hd, o, ld);
+            else Scores4<1>(tsrc, tk, qr, hd, o, ld);
+          }
         }
+      }
+      for (int64_t r = 0; r < nr; ++r)  // + the run's bias (its key group's offsets)
+        for (int64_t u = i; u < iend; ++u) sc[r * ld + u] = bias[r] + sc[r * ld + u];
+      i = iend;
+    }
+    // The block's value steps and offsets (tokens past n: 0, never read).
+    for (int64_t i = 0; i < kBlock; ++i) {
+      if (i < n) {
+        const int64_t vi = (b * P.q_cap + j0 + i) * P.kvh + kv;
+        const float vs = P.v_scale[vi];
+        vstep[i] = vs * kfac;
+        vx0[i] = kTarget ? P.v_min[vi] - vs * 0.5f : P.v_min[vi];
+      } else {
+        vstep[i] = vx0[i] = 0.0f;
+      }
+    }
+    // Online softmax per row over the keys it reads, [0, hi): weights into wt.
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 div = _mm256_set1_ps(sqrt_hd), neg = _mm256_set1_ps(kNeg);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t hi = std::min(kBlock, R.cut[r / g] - j0);
+      float* pr = part.At(b, s, kv, r);
+      float* w = wt + r * ld;
+      if (hi <= 0) {  // reads no key of this block: unchanged, zero weights
+        alpha[r] = 1.0f;
+        std::fill(w, w + kBlock, 0.0f);
+        continue;
+      }
+      const __m256 fhi = _mm256_set1_ps(static_cast<float>(hi));
+      __m256 vmax = neg;
+      for (int64_t i = 0; i < kBlock; i += 8) {
+        const __m256 ok = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(i))),
+                                        fhi, _CMP_LT_OQ);
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(sc + r * ld + i), div);
+        v = _mm256_blendv_ps(neg, v, ok);
+        _mm256_storeu_ps(sc + r * ld + i, v);
+        vmax = _mm256_max_ps(vmax, v);
+      }
+      const float m_new = std::max(pr[hd], HMax(vmax));
+      const float al = ExpScalar(pr[hd] - m_new);
+      const __m256 mv = _mm256_set1_ps(m_new);
+      __m256 psum = _mm256_setzero_ps(), csum = _mm256_setzero_ps();
+      for (int64_t i = 0; i < kBlock; i += 8) {
+        const __m256 ok = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(i))),
+                                        fhi, _CMP_LT_OQ);
+        const __m256 p = _mm256_and_ps(ok, Exp(_mm256_sub_ps(_mm256_loadu_ps(sc + r * ld + i), mv)));
+        psum = _mm256_add_ps(psum, p);
+        csum = _mm256_fmadd_ps(p, _mm256_loadu_ps(vx0 + i), csum);
+        _mm256_storeu_ps(w + i, _mm256_mul_ps(p, _mm256_loadu_ps(vstep + i)));
+      }
+      pr[hd + 1] = al * pr[hd + 1] + HSum(psum);
+      pr[hd] = m_new;
+      cst[r] = al * cst[r] + HSum(csum);
+      alpha[r] = al;
+    }
+    // Values: acc = alpha * acc + sum_j w_j * code_j (rows reading no key: alpha 1, w 0).
+    for (int64_t r0 = 0; r0 < nr; r0 += 3) {
+      const int64_t k = std::min<int64_t>(3, nr - r0);
+      float* acc[3];
+      for (int64_t u = 0; u < k; ++u) acc[u] = part.At(b, s, kv, r0 + u);
+      const float* w = wt + r0 * ld;
+      if (packed) {
+        const uint8_t* vk[kBlock];
+        for (int64_t i = 0; i < n; ++i) vk[i] = vhi + (j0 + i) * tok;
+        if (k == 3) Values<3>(vsrc, vk, n, w, ld, alpha + r0, acc, hd);
+        else if (k == 2) Values<2>(vsrc, vk, n, w, ld, alpha + r0, acc, hd);
+        else Values<1>(vsrc, vk, n, w, ld, alpha + r0, acc, hd);
+      } else {
+        const float* vk[kBlock];
+        for (int64_t i = 0; i < n; ++i) vk[i] = vt + i * hd;
+        if (k == 3) Values<3>(tsrc, vk, n, w, ld, alpha + r0, acc, hd);
+        else if (k == 2) Values<2>(tsrc, vk, n, w, ld, alpha + r0, acc, hd);
+        else Values<1>(tsrc, vk, n, w, ld, alpha + r0, acc, hd);
+      }
+    }
+  }
+  // acc += the values' constant part.
+  for (int64_t r = 0; r < nr; ++r) {
+    float* pr = part.At(b, s, kv, r);
+    const __m256 cv = _mm256_set1_ps(cst[r]);
+    for (int64_t d = 0; d < hd; d += 8)
+      _mm256_storeu_ps(pr + d, _mm256_add_ps(_mm256_loadu_ps(pr + d), cv));
+  }
+}
+
+// ---------------------------------------------------------------- the float buffer
+
+// One (sequence b, KV head kv) item over the float ring buffer: positions
+// [max(cut, buf_start), min(p + 1, buf_start + NB)) per row, in kBlock blocks aligned to
+// absolute positions (RowBlock: float dots and weighted values).
+void BufferItem(const Problem& P, const Rows& R, const Partials& part, int64_t b, int64_t kv) {
+  const int64_t g = P.h / P.kvh, hd = P.hd;
+  const float sqrt_hd = static_cast<float>(std::sqrt(static_cast<double>(hd)));
+  alignas(32) static const float kZero[kMaxHd] = {};
+  const int64_t slot = part.slots - 1;
+  for (int64_t r = 0; r < R.n; ++r) {
+    float* pr = part.At(b, slot, kv, r);
+    std::fill(pr, pr + hd, 0.0f);
+    pr[hd] = kNeg;
+    pr[hd + 1] = 0.0f;
+  }
+  const float* kp[kBlock];
+  const float* vp[kBlock];
+  const int64_t bstart = P.buf_start[b];
+  const int64_t end = std::min(R.max_pos + 1, bstart + P.nbuf);
+  for (int64_t j0 = (R.min_lo / kBlock) * kBlock; j0 < end; j0 += kBlock) {
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const int64_t j = j0 + i;
+      if (j < bstart || j >= bstart + P.nbuf) {
+        kp[i] = vp[i] = kZero;
+        continue;
+      }
+      const int64_t off = ((b * P.nbuf + j % P.nbuf) * P.kvh + kv) * hd;
+      kp[i] = P.k_buf + off;
+      vp[i] = P.v_buf + off;
+    }
+    for (int64_t ti = 0; ti < P.t; ++ti) {
+      const int64_t lo = std::max<int64_t>(std::max(R.cut[ti], bstart) - j0, 0);
+      const int64_t hi = std::min({kBlock, R.pos[ti] + 1 - j0, bstart + P.nbuf - j0});
+      if (lo >= hi) continue;
+      for (int64_t gi = 0; gi < g; ++gi) {
+        float* pr = part.At(b, slot, kv, ti * g + gi);
+        const float* q = P.q + ((b * P.t + ti) * P.h + kv * g + gi) * hd;
+        RowBlock(q, kp, vp, lo, hi, hd, sqrt_hd, RowState{pr + hd, pr + hd + 1, pr});
       }
     }
   }
 }
 
-template <bool kTarget>
-void Run(ffi::ThreadPool& pool, const Problem& P, float* out) {
-  const int64_t g = P.h / P.kvh, rows = P.t * g, hd = P.hd;
-  // Quantized splits per sequence: those holding any key of its rows.
+// Runs fn(i) for i in [0, n), one index at a time claimed from a shared counter by the calling
+// thread and XLA's intra-op pool (items differ in size: fine-grained claiming keeps both cores
+// busy to the end; qspec_cpu::ParallelFor's two chunks per thread left one core idle for about a
+// tenth of a call here). The caller waits only for items another thread has claimed.
+template <typename F>
+void ParallelItems(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const F* f = &fn;
+  auto work = [state, n, f]() {
+    for (;;) {
+      const int64_t i = state->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) return;  // a late helper touches nothing but the shared state
+      (*f)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  // Wait for items a helper claimed; on a loaded machine that helper may be waiting for this
+  // very core, so after a short spin the caller yields it.
+  for (int64_t spin = 0; state->done.load(std::memory_order_acquire) < n; ++spin) {
+    if (spin < 4096)
+      _mm_pause();
+    else
+      std::this_thread::yield();
+  }
+}
+
+// `for_each(n, fn)` runs fn(i) for every item i in [0, n) (in any order, on any threads).
+template <bool kTarget, typename ForEach>
+void Run(const ForEach& for_each, const Problem& P, float* out) {
+  const int64_t g = P.h / P.kvh, hd = P.hd;
+  std::vector<Rows> rows(P.b);
   std::vector<int64_t> n_split(P.b);
   int64_t s_max = 0;
   for (int64_t b = 0; b < P.b; ++b) {
-    int64_t mc = 0;
-    for (int64_t ti = 0; ti < P.t; ++ti)
-      mc = std::max(mc, std::min(FloatStart(P.pos[b * P.t + ti], P.residual), P.q_cap));
-    n_split[b] = (mc + kSplit - 1) / kSplit;
+    rows[b] = RowsOf(P, b);
+    n_split[b] = (rows[b].max_cut + kSplit - 1) / kSplit;  // splits holding a key of a row
     s_max = std::max(s_max, n_split[b]);
   }
-  Partials part{std::vector<float>(P.b * (s_max + 1) * P.kvh * rows * (hd + 2)), s_max + 1,
-                P.kvh, rows, hd};
-  for (int64_t i = 0; i < P.b * (s_max + 1) * P.kvh * rows; ++i) {
-    float* pr = part.data.data() + i * (hd + 2);
-    pr[hd] = kNeg;  // m; l and acc stay 0
-  }
-  std::vector<std::pair<int64_t, int64_t>> items;  // (b, s); s == -1: the buffer
-  for (int64_t b = 0; b < P.b; ++b) {
-    items.emplace_back(b, -1);  // the buffer item first: it is usually the largest
-    for (int64_t s = 0; s < n_split[b]; ++s) items.emplace_back(b, s);
-  }
-  ParallelFor(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> tiles(2 * kBlock * hd + hd + 8, 0.0f);
-    float* kt = tiles.data();
-    float* vt = kt + kBlock * hd;
-    const float* zero = vt + kBlock * hd;
-    for (int64_t i = i0; i < i1; ++i) {
-      const auto [b, s] = items[i];
-      RunItem<kTarget>(P, part, b, s, s < 0, kt, vt, zero);
-    }
+  const int64_t nr = P.t * g;
+  thread_local std::vector<float> part_store;
+  const int64_t need = P.b * (s_max + 1) * P.kvh * nr * (hd + 2);
+  if (static_cast<int64_t>(part_store.size()) < need) part_store.resize(need);
+  const Partials part{part_store.data(), s_max + 1, P.kvh, nr, hd};
+  struct Item {
+    int64_t b, s, kv;  // s == -1: the float buffer
+  };
+  std::vector<Item> items;
+  for (int64_t b = 0; b < P.b; ++b)
+    for (int64_t kv = 0; kv < P.kvh; ++kv) items.push_back({b, -1, kv});  // usually the largest
+  for (int64_t b = 0; b < P.b; ++b)
+    for (int64_t s = 0; s < n_split[b]; ++s)
+      for (int64_t kv = 0; kv < P.kvh; ++kv) items.push_back({b, s, kv});
+  for_each(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    const Item& it = items[i];
+    if (it.s < 0)
+      BufferItem(P, rows[it.b], part, it.b, it.kv);
+    else
+      CodesItem<kTarget>(P, rows[it.b], part, it.b, it.s, it.kv);
   });
   // Combine each row's partials in a fixed order: splits 0.., then the buffer; a partial holding
   // no key of the row (l == 0) is skipped.
   for (int64_t b = 0; b < P.b; ++b)
     for (int64_t kv = 0; kv < P.kvh; ++kv)
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < nr; ++r) {
+        auto slot = [&](int64_t i) {  // i in [0, n_split]: the splits, then the buffer
+          return part.At(b, i < n_split[b] ? i : s_max, kv, r);
+        };
         float m_all = kNeg;
-        for (int64_t s = 0; s <= s_max; ++s) {
-          const float* pr = part.At(b, s, kv, r);
+        for (int64_t i = 0; i <= n_split[b]; ++i) {
+          const float* pr = slot(i);
           if (pr[hd + 1] > 0.0f) m_all = std::max(m_all, pr[hd]);
         }
         alignas(32) float acc[kMaxHd];
         std::fill(acc, acc + hd, 0.0f);
         float den = 0.0f;
-        for (int64_t s = 0; s <= s_max; ++s) {
-          const float* pr = part.At(b, s, kv, r);
+        for (int64_t i = 0; i <= n_split[b]; ++i) {
+          const float* pr = slot(i);
           if (!(pr[hd + 1] > 0.0f)) continue;
           const float w = ExpScalar(pr[hd] - m_all);
           den = den + w * pr[hd + 1];
@@ -416,6 +724,10 @@ void Run(ffi::ThreadPool& pool, const Problem& P, float* out) {
           _mm256_storeu_ps(o + d, _mm256_div_ps(_mm256_load_ps(acc + d), dv));
       }
 }
+
+}  // namespace
+
+namespace {
 
 ffi::Error HierAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer,
                              ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> pos,
@@ -473,10 +785,11 @@ ffi::Error HierAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer,
   P.k_buf = k_buf.typed_data() + li * bt;
   P.v_buf = v_buf.typed_data() + li * bt;
   P.buf_start = buf_start.typed_data();
+  const auto for_each = [&pool](int64_t n, const auto& fn) { ParallelItems(pool, n, fn); };
   if (P.target)
-    Run<true>(pool, P, out->typed_data());
+    Run<true>(for_each, P, out->typed_data());
   else
-    Run<false>(pool, P, out->typed_data());
+    Run<false>(for_each, P, out->typed_data());
   return ffi::Error::Success();
 }
 
