@@ -23,7 +23,7 @@ releases the GIL in the reduction). Each path's ``frac_bw`` is its GB/s over the
 two medians (the machine's best measured read bandwidth), and ``draft_vs_target`` is the cpu-draft
 speed over the cpu-target speed (same context and t).
 
-    python experiments/bench_hier_attention_cpu.py [--contexts 1024,2048,4096,8192] [--rounds 15]
+    python -m experiments.bench_hier_attention_cpu [--contexts 1024,2048,4096,8192] [--rounds 15]
         [--paths float,xla-target,xla-draft,cpu-target,cpu-draft]
 
 Writes experiments/results/bench_hier_attention_cpu.json and prints a markdown table.
@@ -33,13 +33,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
-import platform
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PATHS = ("float", "xla-target", "xla-draft", "cpu-target", "cpu-draft")
 
@@ -87,9 +83,9 @@ def main() -> int:
     import numpy as np
 
     from pallas_kernels import cpu_kernels
+    from qspec_jax.bench.common import run_meta, write_json
     from qspec_jax.cache import HierKVCache, KVCache
     from qspec_jax.config import preset
-    from qspec_jax.eval.harness import write_json_atomic
 
     if not cpu_kernels.available():
         print(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}", file=sys.stderr)
@@ -221,17 +217,15 @@ def main() -> int:
     print(f"read bandwidth ({bw_bytes / 1e6:.1f} MB buffer, median of {len(bw_times[1])}): "
           f"1 thread {bw_bytes / med_bw[1] / 1e9:.1f} GB/s, 2 threads "
           f"{bw_bytes / med_bw[2] / 1e9:.1f} GB/s")  # fmt: skip
-    meta = dict(
-        command=" ".join(sys.argv), utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        loadavg=os.getloadavg(), machine=platform.machine(), cpus=os.cpu_count(),
-        python=platform.python_version(), jax=jax.__version__, model_shapes="smollm2-135m",
+    meta = run_meta(
+        jax=jax.__version__, model_shapes="smollm2-135m",
         residual=args.residual, rounds=args.rounds, batch=1, paths=list(paths),
         read_bw_buffer_bytes=bw_bytes,
         read_bw_1thread_gb_per_s=bw_bytes / med_bw[1] / 1e9,
         read_bw_2threads_gb_per_s=bw_bytes / med_bw[2] / 1e9,
         load="shared 2-core VM, other engineers' jobs running (see loadavg)",
     )  # fmt: skip
-    write_json_atomic(args.out, dict(meta=meta, rows=rows))
+    write_json(args.out, dict(meta=meta, rows=rows))
     print(f"wrote {args.out}")
     return 0
 
