@@ -278,6 +278,10 @@ class Engine:
                 f"a prompt of {longest} tokens does not fit the model's context of {max_pos}"
             )
         capacity = min(capacity, max(max_pos, t_bucket))
+        try:  # h1-loading: sliding-window models refuse what passes the window
+            self.config.check_context(longest + dc.max_new_tokens, "generate")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         batch = _bucket(len(token_lists), 1)
         if self.mesh is not None:  # the batch must split evenly over the data axis
             d = self.mesh.shape["data"]
@@ -509,6 +513,10 @@ class Engine:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise UsageError(f"token ids must be in [0, {self.config.vocab_size})")
         b, t = ids.shape
+        try:  # h1-loading: sliding-window models refuse what passes the window
+            self.config.check_context(t, "logits")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         key = (b, t, precision)
         if key not in self._logits_fns:
             cfg, qcfg = self.config, self.qconfig
