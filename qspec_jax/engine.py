@@ -535,7 +535,7 @@ def load(
     *,
     quant: str | None = None,
     group_size: int = 128,
-    dtype: str = "float32",
+    dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
     mesh=None,
@@ -553,7 +553,8 @@ def load(
         quant: None / "none" (float weights), "gguf" (the file's own Q4_1 codes, exact),
             "rtn", "gptq", "quarot-rtn", "quarot-gptq".
         group_size: weight group size for the quantizers (0 = per channel).
-        dtype: activation / float weight dtype.
+        dtype: activation / float weight dtype; None: "float32" on the CPU backend,
+            "bfloat16" on any other (GPU).
         seed: seed for random-init presets and randomized rotations.
         progress: show progress bars while quantizing.
         mesh: optional `jax.sharding.Mesh` from `qspec_jax.sharding.make_mesh`: batches split
@@ -570,6 +571,8 @@ def load(
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
     quant = quant or "none"
+    if dtype is None:  # h1-loading: bfloat16 off the CPU backend
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if compile_cache:  # before quantizing: its jitted kernels are cached too
         disk_cache.enable_compilation_cache()
     if quant not in QUANT_METHODS:
@@ -577,7 +580,6 @@ def load(
             f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_METHODS)}"
         )
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
-    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
 
     t_load = time.perf_counter()
     entry = None
@@ -624,13 +626,29 @@ def load(
         return Engine(
             cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
         )
+    elif quant not in ("none", "gguf") and _is_hf_dir(model):
+        # h1-loading: one decoder block at a time (read, rotate, quantize, to the device).
+        from qspec_jax.loading.hf_loader import HFCheckpoint  # noqa: PLC0415
+        from qspec_jax.quant import quantize_checkpoint  # noqa: PLC0415
+
+        tokenizer = _hf_dir_tokenizer(model, quant_cache)
+        calib = quant_options.pop("calib_tokens", tokenizer)
+        t_q = time.perf_counter()
+        ckpt = HFCheckpoint(model, dtype)
+        cfg, params, qcfg = quantize_checkpoint(
+            ckpt, quant, group_size, calib_tokens=calib, seed=seed, progress=progress,
+            **quant_options,
+        )  # fmt: skip
+        ckpt.close()
+        info["quantize_s"] = time.perf_counter() - t_q
+        info["streamed"] = True
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
-        try:
+        if _is_hf_dir(model):
+            tokenizer = _hf_dir_tokenizer(model, quant_cache)
+        else:
             tokenizer = _tokenizer(model, quant_cache)
-        except LoadError:
-            raise
-    if quant not in ("none", "gguf"):
+    if quant not in ("none", "gguf") and not info.get("streamed"):
         from qspec_jax.quant import quantize_model  # noqa: PLC0415
 
         # GPTQ calibrates on the project's own text, tokenized by the model's tokenizer.
@@ -734,6 +752,27 @@ def _write_quant_cache(entry, cfg, params, qcfg, tok_source, info: dict) -> None
     if info["quant_cache"] == "miss":
         info["quant_cache"] = "written"
     info["quant_cache_write_s"] = time.perf_counter() - t0
+
+
+# h1-loading: files any of which makes a Hugging Face directory carry a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _is_hf_dir(model) -> bool:
+    """A Hugging Face model directory (config.json), not a quantized checkpoint."""
+    path = str(model)
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and not _is_qspec_checkpoint(path)
+    )
+
+
+def _hf_dir_tokenizer(path, use_cache: bool):
+    """The directory's tokenizer, or None when it ships no tokenizer files (token-id prompts)."""
+    if not any(os.path.isfile(os.path.join(str(path), f)) for f in _TOKENIZER_FILES):
+        return None
+    return _tokenizer(str(path), use_cache)
 
 
 def _is_qspec_checkpoint(path: str) -> bool:
