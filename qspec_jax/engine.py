@@ -667,6 +667,8 @@ def load(
         info["quantize_s"] = time.perf_counter() - t_q
     if entry is not None:  # a miss or an invalid entry: quantized (or read) now, cache it
         tok_source = None if model in PRESETS and model != EMBEDDED_MODEL else str(model)
+        if tokenizer is None:  # h1-loading: an HF directory without tokenizer files
+            tok_source = None
         _write_quant_cache(entry, cfg, params, qcfg, tok_source, info)
     eng = Engine(
         cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache

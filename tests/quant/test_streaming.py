@@ -93,3 +93,18 @@ def test_streaming_equals_whole_model(hf_dirs, name, method):
     assert isinstance(got.layers, tuple) and len(got.layers) == cfg.num_layers
     # Every int4 code, scale, norm, bias, embedding and head bit-identical.
     _assert_same(stack_layers(got), want)
+
+
+def test_load_streams_an_hf_directory_and_caches_it(hf_dirs, tmp_path, monkeypatch):
+    import qspec_jax
+
+    monkeypatch.setenv("QSPEC_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    kw = dict(quant="rtn", group_size=64, dtype="float32", progress=False, compile_cache=False)
+    first = qspec_jax.load(str(hf_dirs["llama"]), **kw)
+    # No tokenizer files in the directory: token-id prompts only, and the cache entry says so.
+    assert first.tokenizer is None and first.load_info["streamed"]
+    assert first.load_info["quant_cache"] == "written"
+    again = qspec_jax.load(str(hf_dirs["llama"]), **kw)
+    assert again.load_info["quant_cache"] == "hit" and again.tokenizer is None
+    ids = np.arange(3, 19, dtype=np.int32)[None]  # [1, 16]
+    np.testing.assert_array_equal(first.logits(ids, "w4a16"), again.logits(ids, "w4a16"))
