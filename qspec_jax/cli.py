@@ -65,6 +65,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weight group size for the quantizer (0 = per channel)",
     )
     p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="float weights, activations and KV cache (default: bfloat16 on a GPU, "
+        "float32 on CPU)",
+    )
+    p.add_argument(
         "--devices",
         type=int,
         default=None,
@@ -180,6 +187,7 @@ def cmd_generate(args) -> int:
         args.model,
         quant=_default_quant(args.mode, args.quant, args.model),
         group_size=args.group_size,
+        dtype=args.dtype,
         progress=not args.json,
         mesh=_mesh(args),
         quant_cache=not args.no_quant_cache,
@@ -239,6 +247,7 @@ def cmd_demo(args) -> int:
         args.model,
         quant=quant,
         group_size=args.group_size,
+        dtype=args.dtype,
         mesh=_mesh(args),
         quant_cache=not args.no_quant_cache,
     )
@@ -309,6 +318,7 @@ def cmd_eval(args) -> int:
             args.model,
             quant=_default_quant("w4a16" if args.modes != "fp" else "fp", args.quant, args.model),
             group_size=args.group_size,
+            dtype=args.dtype,
             mesh=_mesh(args),
             quant_cache=not args.no_quant_cache,
         )

@@ -104,6 +104,9 @@ class LlamaConfig:
         tie_embeddings: whether the LM head is the transposed token embedding.
         qkv_bias: whether q/k/v projections have a bias (Qwen2).
         max_position_embeddings: the longest context the model was trained for.
+        sliding_window: attention window of a sliding-window model (Mistral), or None. No
+            attention path here masks by window, so a sequence longer than the window is
+            refused (`check_context`) instead of giving logits the model would not give.
         bos_token_id / eos_token_ids / pad_token_id: special tokens.
         dtype: name of the activation dtype ("float32" on CPU, "bfloat16" on GPU).
     """
@@ -126,11 +129,33 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int = 0
     dtype: str = "float32"
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    def check_context(self, n_tokens: int, where: str) -> None:
+        """Refuses a sequence of `n_tokens` that passes the model's sliding window.
+
+        Full causal attention equals sliding-window attention while every sequence fits the
+        window; past it the model's logits differ, and no attention path here masks by window.
+
+        Args:
+            n_tokens: the longest sequence (prompt and generated tokens) the request can reach.
+            where: what is being asked, for the message (e.g. "generate").
+
+        Raises:
+            ValueError: `n_tokens` exceeds `sliding_window`.
+        """
+        w = self.sliding_window
+        if w is not None and n_tokens > w:
+            raise ValueError(
+                f"{where}: a sequence of {n_tokens} tokens passes this model's sliding attention "
+                f"window of {w} tokens, which is not implemented; keep prompt plus new tokens "
+                f"within {w}."
             )
 
     @property

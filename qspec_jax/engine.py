@@ -490,6 +490,10 @@ class Engine:
                 f"a prompt of {longest} tokens does not fit the model's context of {max_pos}"
             )
         capacity = min(capacity, max(max_pos, t_bucket))
+        try:  # h1-loading: sliding-window models refuse what passes the window
+            self.config.check_context(longest + dc.max_new_tokens, "generate")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         batch = _bucket(len(token_lists), 1)
         if self.mesh is not None:  # the batch must split evenly over the data axis
             d = self.mesh.shape["data"]
@@ -1062,6 +1066,10 @@ class Engine:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise UsageError(f"token ids must be in [0, {self.config.vocab_size})")
         b, t = ids.shape
+        try:  # h1-loading: sliding-window models refuse what passes the window
+            self.config.check_context(t, "logits")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         key = (b, t, precision)
         if key not in self._logits_fns:
             cfg, qcfg = self.config, self.qconfig
@@ -1083,7 +1091,7 @@ def load(
     *,
     quant: str | None = None,
     group_size: int = 128,
-    dtype: str = "float32",
+    dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
     mesh=None,
@@ -1102,7 +1110,8 @@ def load(
         quant: None / "none" (float weights), "gguf" (the file's own Q4_1 codes, exact),
             "rtn", "gptq", "quarot-rtn", "quarot-gptq".
         group_size: weight group size for the quantizers (0 = per channel).
-        dtype: activation / float weight dtype.
+        dtype: activation / float weight dtype; None: "float32" on the CPU backend,
+            "bfloat16" on any other (GPU).
         seed: seed for random-init presets and randomized rotations.
         progress: show progress bars while quantizing.
         mesh: optional `jax.sharding.Mesh` from `qspec_jax.sharding.make_mesh`: batches split
@@ -1130,6 +1139,8 @@ def load(
             **quant_options,
         )  # fmt: skip
     quant = quant or "none"
+    if dtype is None:  # h1-loading: bfloat16 off the CPU backend
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if compile_cache:  # before quantizing: its jitted kernels are cached too
         disk_cache.enable_compilation_cache()
     if quant not in QUANT_METHODS:
@@ -1137,7 +1148,6 @@ def load(
             f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_METHODS)}"
         )
     from qspec_jax.loading import load_checkpoint  # noqa: PLC0415
-    from qspec_jax.loading.errors import LoadError  # noqa: PLC0415
 
     t_load = time.perf_counter()
     entry = None
@@ -1184,13 +1194,29 @@ def load(
         return Engine(
             cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
         )
+    elif quant not in ("none", "gguf") and _is_hf_dir(model):
+        # h1-loading: one decoder block at a time (read, rotate, quantize, to the device).
+        from qspec_jax.loading.hf_loader import HFCheckpoint  # noqa: PLC0415
+        from qspec_jax.quant import quantize_checkpoint  # noqa: PLC0415
+
+        tokenizer = _hf_dir_tokenizer(model, quant_cache)
+        calib = quant_options.pop("calib_tokens", tokenizer)
+        t_q = time.perf_counter()
+        ckpt = HFCheckpoint(model, dtype)
+        cfg, params, qcfg = quantize_checkpoint(
+            ckpt, quant, group_size, calib_tokens=calib, seed=seed, progress=progress,
+            **quant_options,
+        )  # fmt: skip
+        ckpt.close()
+        info["quantize_s"] = time.perf_counter() - t_q
+        info["streamed"] = True
     else:
         cfg, params, qcfg = load_checkpoint(model, dtype=dtype, keep_int4=(quant == "gguf"))
-        try:
+        if _is_hf_dir(model):
+            tokenizer = _hf_dir_tokenizer(model, quant_cache)
+        else:
             tokenizer = _tokenizer(model, quant_cache)
-        except LoadError:
-            raise
-    if quant not in ("none", "gguf"):
+    if quant not in ("none", "gguf") and not info.get("streamed"):
         from qspec_jax.quant import quantize_model  # noqa: PLC0415
 
         # GPTQ calibrates on the project's own text, tokenized by the model's tokenizer.
@@ -1209,6 +1235,8 @@ def load(
         info["quantize_s"] = time.perf_counter() - t_q
     if entry is not None:  # a miss or an invalid entry: quantized (or read) now, cache it
         tok_source = None if model in PRESETS and model != EMBEDDED_MODEL else str(model)
+        if tokenizer is None:  # h1-loading: an HF directory without tokenizer files
+            tok_source = None
         _write_quant_cache(entry, cfg, params, qcfg, tok_source, info)
     eng = Engine(
         cfg, params, qcfg, tokenizer, source=str(model), mesh=mesh, compile_cache=compile_cache
@@ -1330,6 +1358,27 @@ def _write_quant_cache(entry, cfg, params, qcfg, tok_source, info: dict) -> None
     if info["quant_cache"] == "miss":
         info["quant_cache"] = "written"
     info["quant_cache_write_s"] = time.perf_counter() - t0
+
+
+# h1-loading: files any of which makes a Hugging Face directory carry a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _is_hf_dir(model) -> bool:
+    """A Hugging Face model directory (config.json), not a quantized checkpoint."""
+    path = str(model)
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and not _is_qspec_checkpoint(path)
+    )
+
+
+def _hf_dir_tokenizer(path, use_cache: bool):
+    """The directory's tokenizer, or None when it ships no tokenizer files (token-id prompts)."""
+    if not any(os.path.isfile(os.path.join(str(path), f)) for f in _TOKENIZER_FILES):
+        return None
+    return _tokenizer(str(path), use_cache)
 
 
 def _is_qspec_checkpoint(path: str) -> bool:

@@ -1,8 +1,11 @@
 """Loads a Hugging Face model directory (Llama, Mistral, Qwen2) into float `Params`.
 
 Only ``config.json`` and safetensors weights are read (single ``*.safetensors`` files or shards
-listed in ``model.safetensors.index.json``), through the safetensors numpy API; pickled
-``pytorch_model.bin`` files are refused and no remote code is ever run. Hugging Face linears
+listed in ``model.safetensors.index.json``); pickled ``pytorch_model.bin`` files are refused and
+no remote code is ever run. Files are checked with ``safetensors.safe_open`` and each tensor is
+read through its own memory map of just its bytes (unmapped once converted), so reading a layer
+costs that layer's memory, never the file's: `HFCheckpoint.layer` reads one decoder block, which
+is what the layer-by-layer quantizing loader (`qspec_jax.quant.streaming`) builds on. Hugging Face linears
 are ``[out, in]``; `Params` stores ``[in, out]`` (``x @ w``), so every linear is transposed, and
 q/k/v and gate/up are fused in that column order. Hugging Face checkpoints already use the
 rotate-half RoPE convention of the model code, so no row permutation is needed.
@@ -16,6 +19,7 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from qspec_jax.config import LlamaConfig, QuantConfig, RopeScaling
@@ -23,7 +27,7 @@ from qspec_jax.loading.errors import load_error
 from qspec_jax.loading.gguf_loader import _float_dtype
 from qspec_jax.model.params import LayerParams, Params
 
-__all__ = ["config_from_hf", "load_hf_dir"]
+__all__ = ["HFCheckpoint", "config_from_hf", "load_hf_dir"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -152,10 +156,13 @@ def config_from_hf(path: str | os.PathLike, dtype: str = "float32") -> LlamaConf
     theta, scaling = _rope(cfg_path, hf)
 
     max_pos = int(hf.get("max_position_embeddings", 4096))
-    # Sliding-window attention equals full attention up to the window, so cap the context there.
+    # Sliding-window attention equals full attention up to the window; past it the model's
+    # logits differ and no attention path here masks by window, so the engine refuses such
+    # sequences (`LlamaConfig.check_context`) rather than capping the context silently.
     window = hf.get("sliding_window")
+    sliding_window = None
     if window and (model_type == "mistral" or hf.get("use_sliding_window")):
-        max_pos = min(max_pos, int(window))
+        sliding_window = int(window)
 
     eos = _token_ids(hf.get("eos_token_id"))
     gen_path = os.path.join(path, "generation_config.json")
@@ -191,6 +198,7 @@ def config_from_hf(path: str | os.PathLike, dtype: str = "float32") -> LlamaConf
         eos_token_ids=tuple(eos),
         pad_token_id=int(pad),
         dtype=str(_float_dtype(dtype)),
+        sliding_window=sliding_window,
     )
 
 
@@ -200,6 +208,8 @@ class _SafetensorsDir:
     def __init__(self, path: str):
         self.path = path
         self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
+        self._sizes: dict[str, int] = {}
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             weight_map = _read_json(index).get("weight_map")
@@ -257,11 +267,31 @@ class _SafetensorsDir:
     def _keys(self, file: str) -> list[str]:
         return list(self._open(file).keys())
 
+    def _header(self, file: str) -> tuple[int, dict]:
+        """(byte offset of the data section, the JSON header) of a safetensors file."""
+        if file not in self._headers:
+            self._open(file)  # safe_open validates the file (truncation, bad header) first
+            try:
+                with open(file, "rb") as fh:
+                    n = int(np.frombuffer(fh.read(8), "<u8")[0])
+                    header = json.loads(fh.read(n))
+            except (OSError, ValueError, IndexError) as e:
+                raise load_error(
+                    file,
+                    f"is not a readable safetensors file, its header is corrupt ({e})",
+                    "re-download the file",
+                ) from e
+            self._headers[file] = (8 + n, header)
+        return self._headers[file]
+
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor as float32 numpy in its Hugging Face layout, shape-checked."""
+    def get(self, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        """The tensor as `dtype` numpy in its Hugging Face layout, shape-checked.
+
+        Only the tensor's own bytes are memory-mapped, and unmapped once converted.
+        """
         file = self.where.get(name)
         if file is None:
             raise load_error(
@@ -269,18 +299,19 @@ class _SafetensorsDir:
                 f"has no tensor {name!r} in its safetensors files",
                 "the checkpoint is incomplete or not a Llama-family model",
             )
-        h = self._open(file)
-        if name not in h.keys():
+        base, header = self._header(file)
+        entry = header.get(name)
+        if not isinstance(entry, dict):
             raise load_error(
                 file,
                 f"does not hold the tensor {name!r} that the index points to",
                 "re-download the shard",
             )
         try:
-            sl = h.get_slice(name)
-            got = tuple(int(s) for s in sl.get_shape())
-            dtype = sl.get_dtype()
-        except Exception as e:
+            got = tuple(int(x) for x in entry["shape"])
+            st_dtype = str(entry["dtype"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
             raise load_error(
                 file, f"has an unreadable header entry for {name!r} ({e})", "re-download the file"
             ) from e
@@ -290,22 +321,49 @@ class _SafetensorsDir:
                 f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}",
                 "check that config.json belongs to these weights",
             )
+        np_dtype = _ST_FLOAT_DTYPES.get(st_dtype)
+        if np_dtype is None:
+            raise load_error(
+                file, f"tensor {name!r} has non-float dtype {st_dtype}", "load a float checkpoint"
+            )
+        n = int(np.prod(got, dtype=np.int64))
+        if end - begin != n * np.dtype(np_dtype).itemsize or base + end > self._size(file):
+            raise load_error(
+                file,
+                f"is not a readable safetensors file: tensor {name!r} lies outside the file",
+                "re-download the file",
+            )
+        if n == 0:
+            return np.zeros(got, dtype)
         try:
-            if dtype == "BF16":  # numpy has no bfloat16; the flax reader returns an ml_dtypes array
-                arr = np.asarray(self._open(file, "flax").get_tensor(name))
-            else:
-                arr = h.get_tensor(name)
-        except Exception as e:
+            mm = np.memmap(file, dtype=np_dtype, mode="r", offset=base + begin, shape=got)
+        except (OSError, ValueError) as e:
             raise load_error(
                 file,
                 f"cannot read tensor {name!r} ({type(e).__name__}: {e})",
                 "re-download the file",
             ) from e
-        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-            raise load_error(
-                file, f"tensor {name!r} has non-float dtype {arr.dtype}", "load a float checkpoint"
-            )
-        return np.asarray(arr, dtype=np.float32)
+        out = np.array(mm, dtype=dtype)  # a copy; dropping `mm` unmaps the tensor's pages
+        del mm
+        return out
+
+    def _size(self, file: str) -> int:
+        if file not in self._sizes:
+            self._sizes[file] = os.path.getsize(file)
+        return self._sizes[file]
+
+    def close(self) -> None:
+        """Drops the safe_open handles (their memory maps)."""
+        self._handles.clear()
+
+
+# safetensors dtype names -> numpy dtypes (bfloat16 from ml_dtypes, as JAX uses).
+_ST_FLOAT_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+}
 
 
 def _name_resolver(st: _SafetensorsDir):
@@ -314,6 +372,88 @@ def _name_resolver(st: _SafetensorsDir):
         "model." if st.has("model.embed_tokens.weight") or not st.has("embed_tokens.weight") else ""
     )
     return lambda name: name if name == "lm_head.weight" else prefix + name
+
+
+class HFCheckpoint:
+    """A Hugging Face Llama / Mistral / Qwen2 directory, read one piece at a time.
+
+    Attributes:
+        path: the directory.
+        config: its `LlamaConfig` (with ``dtype`` as requested).
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: str = "float32"):
+        self.path = os.fspath(path)
+        self.config = config_from_hf(self.path, dtype)
+        self._st = _SafetensorsDir(self.path)
+        self._nm = _name_resolver(self._st)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the safetensors files holding the model."""
+        return sum(os.path.getsize(f) for f in set(self._st.where.values()))
+
+    def layer(self, i: int, dtype=np.float32) -> LayerParams:
+        """Decoder block `i` as numpy arrays without the layer axis, in `Params` layout.
+
+        Returns:
+            LayerParams with attn_norm / mlp_norm [D], wqkv [D, q + 2kv], bqkv [q + 2kv] or
+            None, wo [q, D], w_gate_up [D, 2F], w_down [F, D].
+        """
+        cfg, st, nm = self.config, self._st, self._nm
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        q, kv = cfg.q_size, cfg.kv_size
+        b = f"layers.{i}."
+
+        def get(name, shape):
+            return st.get(nm(b + name), shape, dtype)
+
+        wqkv = np.empty((d, q + 2 * kv), dtype)  # [D, q + 2kv]
+        wqkv[:, :q] = get("self_attn.q_proj.weight", (q, d)).T
+        wqkv[:, q : q + kv] = get("self_attn.k_proj.weight", (kv, d)).T
+        wqkv[:, q + kv :] = get("self_attn.v_proj.weight", (kv, d)).T
+        bqkv = None
+        if cfg.qkv_bias:
+            bqkv = np.concatenate(
+                [
+                    get("self_attn.q_proj.bias", (q,)),
+                    get("self_attn.k_proj.bias", (kv,)),
+                    get("self_attn.v_proj.bias", (kv,)),
+                ]
+            )  # [q + 2kv]
+        w_gate_up = np.empty((d, 2 * f), dtype)  # [D, 2F]
+        w_gate_up[:, :f] = get("mlp.gate_proj.weight", (f, d)).T
+        w_gate_up[:, f:] = get("mlp.up_proj.weight", (f, d)).T
+        return LayerParams(
+            attn_norm=get("input_layernorm.weight", (d,)),
+            wqkv=wqkv,
+            bqkv=bqkv,
+            wo=np.ascontiguousarray(get("self_attn.o_proj.weight", (d, q)).T),  # [q, D]
+            mlp_norm=get("post_attention_layernorm.weight", (d,)),
+            w_gate_up=w_gate_up,
+            w_down=np.ascontiguousarray(get("mlp.down_proj.weight", (d, f)).T),  # [F, D]
+        )
+
+    def embed(self, dtype=np.float32) -> np.ndarray:
+        """Token embedding [V, D]."""
+        cfg = self.config
+        return self._st.get(
+            self._nm("embed_tokens.weight"), (cfg.vocab_size, cfg.hidden_size), dtype
+        )
+
+    def final_norm(self, dtype=np.float32) -> np.ndarray:
+        """Final RMSNorm scale [D]."""
+        return self._st.get(self._nm("norm.weight"), (self.config.hidden_size,), dtype)
+
+    def lm_head(self, dtype=np.float32) -> np.ndarray | None:
+        """The untied LM head [D, V], or None when tied to the embedding."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            return None
+        w = self._st.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D]
+        return np.ascontiguousarray(w.T)  # [D, V]
+
+    def close(self) -> None:
+        self._st.close()
 
 
 def load_hf_dir(
@@ -333,58 +473,39 @@ def load_hf_dir(
             weights, missing or corrupt safetensors files, missing tensors, or a tensor whose
             shape disagrees with config.json.
     """
-    path = os.fspath(path)
     np_dtype = _float_dtype(dtype)
-    cfg = config_from_hf(path, dtype)
-    st = _SafetensorsDir(path)
-    nm = _name_resolver(st)
+    ckpt = HFCheckpoint(path, dtype)
+    cfg = ckpt.config
+    n_layers = cfg.num_layers
+    arr = lambda x: jnp.asarray(x, dtype=np_dtype)
 
-    n_layers, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    q, kv, v = cfg.q_size, cfg.kv_size, cfg.vocab_size
-    attn_norm = np.empty((n_layers, d), np_dtype)
-    mlp_norm = np.empty((n_layers, d), np_dtype)
-    wqkv = np.empty((n_layers, d, q + 2 * kv), np_dtype)
-    bqkv = np.empty((n_layers, q + 2 * kv), np_dtype) if cfg.qkv_bias else None
-    wo = np.empty((n_layers, q, d), np_dtype)
-    w_gate_up = np.empty((n_layers, d, 2 * f), np_dtype)
-    w_down = np.empty((n_layers, f, d), np_dtype)
+    stacked: dict[str, np.ndarray] = {}
     for i in range(n_layers):
-        b = f"layers.{i}."
-        attn_norm[i] = st.get(nm(b + "input_layernorm.weight"), (d,))
-        mlp_norm[i] = st.get(nm(b + "post_attention_layernorm.weight"), (d,))
-        wqkv[i, :, :q] = st.get(nm(b + "self_attn.q_proj.weight"), (q, d)).T
-        wqkv[i, :, q : q + kv] = st.get(nm(b + "self_attn.k_proj.weight"), (kv, d)).T
-        wqkv[i, :, q + kv :] = st.get(nm(b + "self_attn.v_proj.weight"), (kv, d)).T
-        if bqkv is not None:
-            bqkv[i, :q] = st.get(nm(b + "self_attn.q_proj.bias"), (q,))
-            bqkv[i, q : q + kv] = st.get(nm(b + "self_attn.k_proj.bias"), (kv,))
-            bqkv[i, q + kv :] = st.get(nm(b + "self_attn.v_proj.bias"), (kv,))
-        wo[i] = st.get(nm(b + "self_attn.o_proj.weight"), (d, q)).T
-        w_gate_up[i, :, :f] = st.get(nm(b + "mlp.gate_proj.weight"), (f, d)).T
-        w_gate_up[i, :, f:] = st.get(nm(b + "mlp.up_proj.weight"), (f, d)).T
-        w_down[i] = st.get(nm(b + "mlp.down_proj.weight"), (d, f)).T
-
-    embed = st.get(nm("embed_tokens.weight"), (v, d)).astype(np_dtype)
-    final_norm = st.get(nm("norm.weight"), (d,)).astype(np_dtype)
-    lm_head = None
-    if not cfg.tie_embeddings:
-        lm_head = st.get("lm_head.weight", (v, d)).T.astype(np_dtype)
-
-    def arr(x):
-        return jnp.asarray(x, dtype=np_dtype)
-
-    params = Params(
-        embed=arr(embed),
-        layers=LayerParams(
-            attn_norm=arr(attn_norm),
-            wqkv=arr(wqkv),
-            bqkv=None if bqkv is None else arr(bqkv),
-            wo=arr(wo),
-            mlp_norm=arr(mlp_norm),
-            w_gate_up=arr(w_gate_up),
-            w_down=arr(w_down),
-        ),
-        final_norm=arr(final_norm),
-        lm_head=None if lm_head is None else arr(lm_head),
+        lp = ckpt.layer(i, np_dtype)
+        for name in ("attn_norm", "wqkv", "bqkv", "wo", "mlp_norm", "w_gate_up", "w_down"):
+            a = getattr(lp, name)
+            if a is None:
+                continue
+            if name not in stacked:
+                stacked[name] = np.empty((n_layers, *a.shape), np_dtype)
+            stacked[name][i] = a
+        del lp
+    layers = LayerParams(
+        attn_norm=arr(stacked["attn_norm"]),
+        wqkv=arr(stacked["wqkv"]),
+        bqkv=arr(stacked["bqkv"]) if "bqkv" in stacked else None,
+        wo=arr(stacked["wo"]),
+        mlp_norm=arr(stacked["mlp_norm"]),
+        w_gate_up=arr(stacked["w_gate_up"]),
+        w_down=arr(stacked["w_down"]),
     )
+    del stacked
+    head = ckpt.lm_head(np_dtype)
+    params = Params(
+        embed=arr(ckpt.embed(np_dtype)),
+        layers=layers,
+        final_norm=arr(ckpt.final_norm(np_dtype)),
+        lm_head=None if head is None else arr(head),
+    )
+    ckpt.close()
     return cfg, params, QuantConfig(method="none")

@@ -9,6 +9,9 @@ Methods:
 * "quarot-rtn" / "quarot-gptq": QuaRot rotation of the float model first
   (`qspec_jax.quant.quarot`), then RTN / GPTQ; the model then runs with ``rotated=True``.
 
+`quantize_checkpoint` (`qspec_jax.quant.streaming`) computes the same from a checkpoint read one
+decoder block at a time, so the float model is never whole in memory.
+
 ("gguf", the checkpoint's own Q4_1 codes, is handled by the loader.)
 """
 
@@ -45,6 +48,8 @@ __all__ = [
     "QUANT_METHODS",
     "QuantizedWeight",
     "Weight",
+    "quant_config",
+    "quantize_checkpoint",
     "quantize_model",
 ]
 
@@ -166,15 +171,26 @@ def quantize_model(
                 for name in LINEARS
             }
         )
-    qcfg = QuantConfig(
+    qcfg = quant_config(method, group_size, symmetric, act_group_size, act_clip_ratio)
+    return params.replace(layers=layers), qcfg
+
+
+def quant_config(
+    method: str,
+    group_size: int,
+    symmetric: bool = True,
+    act_group_size: int | None = None,
+    act_clip_ratio: float | None = None,
+) -> QuantConfig:
+    """The QuantConfig `quantize_model` returns for these settings (defaults filled in)."""
+    return QuantConfig(
         method=method,
         group_size=group_size,
         symmetric=symmetric,
-        rotated=rotated,
-        act_group_size=act_group_size,
-        act_clip_ratio=act_clip_ratio,
+        rotated=method.startswith("quarot"),
+        act_group_size=DEFAULT_ACT_GROUP_SIZE if act_group_size is None else act_group_size,
+        act_clip_ratio=DEFAULT_ACT_CLIP_RATIO if act_clip_ratio is None else act_clip_ratio,
     )
-    return params.replace(layers=layers), qcfg
 
 
 def _check_act_group(cfg: LlamaConfig, act_group_size: int) -> None:
@@ -186,3 +202,10 @@ def _check_act_group(cfg: LlamaConfig, act_group_size: int) -> None:
             f"activation group size {act_group_size} must be 0 (per token) or a multiple of 32 "
             f"dividing every linear input dimension {dims}"
         )
+
+
+def quantize_checkpoint(source, method: str, group_size: int = 128, **kw):
+    """See `qspec_jax.quant.streaming.quantize_checkpoint` (imported lazily: import cycle)."""
+    from qspec_jax.quant.streaming import quantize_checkpoint as _qc  # noqa: PLC0415
+
+    return _qc(source, method, group_size, **kw)

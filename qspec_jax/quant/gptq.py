@@ -372,23 +372,11 @@ def gptq_quantize_layers(
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"calibration tokens must be [num_seqs, t], got shape {tokens.shape}")
-    qkv_in, wo_in, gate_up_in, down_in, block_out = _layer_fns(cfg, rotated)
+    fns = _layer_fns(cfg, rotated)
     lp = params.layers
     x = params.embed[tokens].astype(cfg.jnp_dtype)  # [b, t, D]
     kw = dict(percdamp=percdamp, blocksize=blocksize, act_order=act_order, clip_search=clip_search)
     out: dict[str, list[QuantizedWeight]] = {name: [] for name in LINEARS}
-
-    def quant(name, i, inp):
-        qw, deq = gptq_quantize(
-            getattr(lp, name)[i],
-            _hessian(inp),
-            group_size,
-            symmetric,
-            return_dequantized=True,
-            **kw,
-        )
-        out[name].append(qw)
-        return jnp.asarray(deq, cfg.jnp_dtype)
 
     layers = range(cfg.num_layers)
     if progress:
@@ -396,14 +384,55 @@ def gptq_quantize_layers(
 
         layers = tqdm(layers, desc="GPTQ", unit="layer")
     for i in layers:
-        bqkv = None if lp.bqkv is None else lp.bqkv[i]
-        h = qkv_in(x, lp.attn_norm[i])
-        wqkv = quant("wqkv", i, h)
-        a = wo_in(h, wqkv, bqkv)
-        wo = quant("wo", i, a)
-        x, h = gate_up_in(x, a, wo, lp.mlp_norm[i])
-        w_gate_up = quant("w_gate_up", i, h)
-        a = down_in(h, w_gate_up)
-        w_down = quant("w_down", i, a)
-        x = block_out(x, a, w_down)
+        layer = jax.tree_util.tree_map(lambda a, i=i: a[i], lp)  # one block, no layer axis
+        qws, x = gptq_quantize_block(fns, x, layer, cfg, group_size, symmetric, **kw)
+        for name in LINEARS:
+            out[name].append(qws[name])
     return lp.replace(**{name: _stack(qws) for name, qws in out.items()})
+
+
+def gptq_quantize_block(
+    fns,
+    x: jnp.ndarray,
+    layer: LayerParams,
+    cfg: LlamaConfig,
+    group_size: int,
+    symmetric: bool,
+    **kw,
+) -> tuple[dict[str, QuantizedWeight], jnp.ndarray]:
+    """GPTQ of one decoder block's four linears, in execution order.
+
+    Args:
+        fns: `_layer_fns(cfg, rotated)`.
+        x: the block's input residual [b, t, D] (the previous quantized block's output).
+        layer: the block's float weights without the layer axis.
+        cfg, group_size, symmetric: as `gptq_quantize_layers`.
+        **kw: percdamp, blocksize, act_order, clip_search (see `gptq_quantize`).
+
+    Returns:
+        ({linear name: QuantizedWeight}, the quantized block's output [b, t, D]).
+    """
+    qkv_in, wo_in, gate_up_in, down_in, block_out = fns
+    out: dict[str, QuantizedWeight] = {}
+
+    def quant(name, inp):
+        qw, deq = gptq_quantize(
+            getattr(layer, name),
+            _hessian(inp),
+            group_size,
+            symmetric,
+            return_dequantized=True,
+            **kw,
+        )
+        out[name] = qw
+        return jnp.asarray(deq, cfg.jnp_dtype)
+
+    h = qkv_in(x, layer.attn_norm)
+    wqkv = quant("wqkv", h)
+    a = wo_in(h, wqkv, layer.bqkv)
+    wo = quant("wo", a)
+    x, h = gate_up_in(x, a, wo, layer.mlp_norm)
+    w_gate_up = quant("w_gate_up", h)
+    a = down_in(h, w_gate_up)
+    w_down = quant("w_down", a)
+    return out, block_out(x, a, w_down)

@@ -34,7 +34,7 @@ from qspec_jax.config import LlamaConfig
 from qspec_jax.quant.format import QuantizedWeight
 
 if TYPE_CHECKING:  # qspec_jax.model.params imports this package: no runtime import (cycle)
-    from qspec_jax.model.params import Params
+    from qspec_jax.model.params import LayerParams, Params
 
 
 def residual_rotation(d: int, randomized: bool = False, seed: int = 0) -> np.ndarray:
@@ -132,3 +132,69 @@ def rotate_params(
         lm_head=cast(head),
         head_q8=None,  # the rotated head is no longer on the Q8_0 grid
     )
+
+
+def rotate_layer(
+    layer: LayerParams,
+    q: np.ndarray,
+    h_q: np.ndarray,
+    h_f: np.ndarray,
+    down_scale: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The QuaRot-rotated float64 linears of one decoder block (no layer axis).
+
+    The same products as `rotate_params` for one layer, so a loader can rotate block by block.
+
+    Args:
+        layer: float weights of one block (attn_norm [D], wqkv [D, q+2kv], wo [q, D],
+            mlp_norm [D], w_gate_up [D, 2F], w_down [F, D]).
+        q: the residual rotation [D, D] (`residual_rotation`).
+        h_q: ``hadamard_matrix(q_size)``; h_f: ``hadamard_matrix(F)``.
+        down_scale: optional positive [F] smoothing of the w_down inputs.
+
+    Returns:
+        {"wqkv", "wo", "w_gate_up", "w_down"} -> float64 arrays (norms become ones).
+    """
+    f64 = lambda a: np.asarray(a, np.float64)
+    wqkv = q.T @ (f64(layer.attn_norm)[:, None] * f64(layer.wqkv))  # [D, q+2kv]
+    w_gate_up = q.T @ (f64(layer.mlp_norm)[:, None] * f64(layer.w_gate_up))  # [D, 2F]
+    wo = h_q.T @ f64(layer.wo) @ q  # [q, D]
+    w_down = f64(layer.w_down)  # [F, D]
+    if down_scale is not None:
+        sc = f64(down_scale)  # [F]
+        f = w_down.shape[0]
+        w_gate_up[:, f:] *= sc[None, :]
+        w_down = w_down / sc[:, None]
+    w_down = h_f.T @ w_down @ q  # [F, D]
+    return dict(wqkv=wqkv, wo=wo, w_gate_up=w_gate_up, w_down=w_down)
+
+
+def rotate_embed_head(
+    embed: np.ndarray,
+    head: np.ndarray | None,
+    final_norm: np.ndarray,
+    q: np.ndarray,
+    dtype,
+    chunk: int = 8192,
+) -> tuple[np.ndarray, np.ndarray]:
+    """QuaRot's rotated embedding ``embed Q`` [V, D] and head ``Q^T diag(g) head`` [D, V].
+
+    Computed in float64 over `chunk` vocabulary rows at a time and rounded once to `dtype`, so
+    the float64 temporaries stay small whatever the vocabulary. `head` [D, V] is None when tied
+    (the unrotated embedding's transpose is used).
+    """
+    v, d = embed.shape
+    g = np.asarray(final_norm, np.float64)[:, None]  # [D, 1]
+    out_embed = np.empty((v, d), dtype)
+    out_head = np.empty((d, v), dtype)
+    for s in range(0, v, chunk):
+        e = np.asarray(embed[s : s + chunk], np.float64)  # [c, D]
+        h = e.T if head is None else np.asarray(head[:, s : s + chunk], np.float64)  # [D, c]
+        out_head[:, s : s + chunk] = _cast(q.T @ (g * h), dtype)
+        out_embed[s : s + chunk] = _cast(e @ q, dtype)
+    return out_embed, out_head
+
+
+def _cast(a: np.ndarray, dtype) -> np.ndarray:
+    """float64 -> `dtype` rounded as `rotate_params` rounds (through jnp)."""
+    return np.asarray(jnp.asarray(a, dtype))

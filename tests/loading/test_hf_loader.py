@@ -154,14 +154,19 @@ def test_qwen2_biases(tmp_path):
     _check_weights(cfg, p, sd)
 
 
-def test_mistral_sliding_window_caps_context(tmp_path):
+def test_mistral_sliding_window_is_recorded_not_capped(tmp_path):
+    # The window used to cap max_position_embeddings silently (issue 20); it is now recorded and
+    # LlamaConfig.check_context refuses sequences past it.
     from transformers import MistralConfig, MistralForCausalLM
 
     path = tmp_path / "mistral"
     hf_cfg = MistralConfig(**{**TINY_KW, "max_position_embeddings": 1024}, sliding_window=128)
     sd = _save(MistralForCausalLM, hf_cfg, path)
     cfg, p, _ = load_hf_dir(path)
-    assert cfg.max_position_embeddings == 128
+    assert cfg.max_position_embeddings == 1024 and cfg.sliding_window == 128
+    cfg.check_context(128, "generate")
+    with pytest.raises(ValueError, match="129 tokens passes .* window of 128 tokens"):
+        cfg.check_context(129, "generate")
     _check_weights(cfg, p, sd)
 
 
