@@ -160,7 +160,8 @@ def test_tampered_config_shape_mismatch(saved, tmp_path):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda m: m["llama_config"].update(sliding_window=4), "unknown LlamaConfig key 'sliding_window'"),
+        # an unknown key (sliding_window became a real LlamaConfig field in 2026-12; any unknown one will do)
+            (lambda m: m["llama_config"].update(attention_sink=4), "unknown LlamaConfig key 'attention_sink'"),
         (lambda m: m["llama_config"].pop("num_kv_heads"), "missing LlamaConfig key 'num_kv_heads'"),
         (lambda m: m["quant_config"].pop("symmetric"), "missing QuantConfig key 'symmetric'"),
         (lambda m: m["llama_config"].update(num_layers="2"), "config key 'num_layers' has the invalid value"),
