@@ -197,6 +197,18 @@ def _per_prompt(value, n: int, what: str) -> list:
     return [value] * n
 
 
+def _limits(max_new_tokens, n: int) -> list[int]:
+    """max_new_tokens per prompt (one int or one per prompt), each a positive integer."""
+    limits = _per_prompt(max_new_tokens, n, "max_new_tokens")
+    for i, v in enumerate(limits):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise UsageError(
+                f"max_new_tokens must be a positive integer, got {v!r}"
+                + (f" for prompt {i}" if not isinstance(max_new_tokens, int) else "")
+            )
+    return [int(v) for v in limits]
+
+
 def _stop_lists(stop, n: int) -> list[list[str]]:
     """Stop strings per prompt from None, a string, a list of strings or a list of lists."""
     if stop is None:
@@ -739,9 +751,7 @@ class Engine:
                 raise UsageError("give the decoding method once: method=... or mode=..., not both")
             method = mode
         n = len(prompts)
-        limits = _per_prompt(max_new_tokens, n, "max_new_tokens")
-        if any(not isinstance(v, (int, np.integer)) or v < 1 for v in limits):
-            raise UsageError("max_new_tokens must be positive integers")
+        limits = _limits(max_new_tokens, n)
         stops = _stop_lists(stop, n)
         stop_ids = _stop_id_lists(stop_token_ids, n, self.config.vocab_size)
         m = self.method(method, **method_options)
@@ -880,13 +890,7 @@ class Engine:
                 raise UsageError("give the decoding method once: method=... or mode=..., not both")
             method = mode
         n = len(prompts)
-        limits = _per_prompt(max_new_tokens, n, "max_new_tokens")
-        for i, v in enumerate(limits):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise UsageError(
-                    f"max_new_tokens must be a positive integer, got {v!r}"
-                    + (f" for prompt {i}" if not isinstance(max_new_tokens, int) else "")
-                )
+        limits = _limits(max_new_tokens, n)
         if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
             raise UsageError(f"logprobs must be a non-negative integer, got {logprobs!r}")
         if logprobs > self.config.vocab_size:
