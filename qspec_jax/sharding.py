@@ -1,66 +1,72 @@
-"""Device meshes and GSPMD shardings for the weights, the batch and the KV cache.
+"""Device meshes and Megatron-style tensor parallelism through the int4 kernels.
 
-Nothing in the model or the decoding loop knows about devices: `jax.jit` partitions
-`qspec_jax.decoding.loop.generate` (and `forward`) from the shardings of its inputs (GSPMD), so
-sharding is only a matter of placing the arrays:
+With a mesh, every forward runs under `jax.shard_map`: each device runs the unchanged layer code
+on its own shard with a *local* config (num_heads / model, num_kv_heads / model,
+intermediate_size / model), so `qspec_jax.model.linear.linear` calls the same kernels (the CPU
+XLA-FFI kernels, Pallas, or XLA's reference) on local operands; no weight is ever gathered.
 
-    mesh = make_mesh(model_parallel=2)             # ("data", "model") over all devices
-    params = shard_params(params, mesh)            # tensor parallel over "model"
-    cache = shard_cache(KVCache.init(cfg, batch, capacity), mesh)
+    mesh = make_mesh(model_parallel=3)             # ("data", "model") over all devices
+    params = shard_params(params, mesh, cfg)       # converts the layout once, then places it
+    cache = shard_cache(KVCache.init(cfg, batch, capacity), mesh)   # any cache format
     toks, lens = shard_batch(toks, mesh), shard_batch(lens, mesh)   # batch over "data"
     state = generate(params, cache, toks, lens, key, cfg=cfg, qcfg=qcfg, dc=dc)
 
-Layout (`param_specs` gives the `PartitionSpec` of every leaf):
+The decoding loop and the methods know nothing about devices: `shard_params` records the mesh
+in the static field `Params.mesh`, and `qspec_jax.model.llama.forward` wraps itself in
+`shard_map` when it is set (no mesh: the single-device code, unchanged). Everything outside the
+forward (sampling, acceptance, cache commits and the hierarchical cache's quantization) is
+partitioned by GSPMD from the input shardings; every such op is per row or per KV head.
 
-* column parallel over "model" (split N, the output features, of a [L, K, N] weight):
-  ``wqkv`` and ``w_gate_up`` (float, or packed/scales/mins of a `QuantizedWeight`: N is never
-  packed, so any split of N is byte-aligned), and ``bqkv`` along the same N;
-* row parallel over "model" (split K, the input features): ``wo`` and ``w_down``. For packed
-  int4 the packed axis K // 2 is split, and every shard must hold whole 64-row pack tiles and
-  whole quantization groups: K must be a multiple of model * lcm(64, G). Scales / mins
-  [L, K // G, N] are then split along K // G at the same row boundaries. A per-channel weight
-  (G = K) splits its packed codes (K a multiple of 64 * model) and replicates its [L, 1, N]
-  scales. A weight that does not divide is replicated whole (`param_specs` is the record);
-* everything else (embedding, LM head, norms, the layer axis) is replicated.
+Layout (`param_specs`; `tp_layout` converts, `canonical_params` converts back):
 
-The fused layouts are a trade-off. ``wqkv`` columns are [q heads | k heads | v heads] and
-``w_gate_up`` columns are [gate | up]; a contiguous split of the fused N gives each device a
-block that is not "its heads": with model = 2 on the tiny preset device 0 holds all of q and
-device 1 all of k and v, and for gate/up device 0 holds the gate and device 1 the up
-projection. The result is still exactly the partitioned computation of the same program (GSPMD
-inserts the collectives the following split / reshape / elementwise product need), so it is
-correct, but it costs an all-to-all / all-gather per block that a head-consistent (Megatron)
-layout would not. Head-consistent sharding needs a different parameter layout -- wqkv columns
-interleaved per shard as [q_i | k_i | v_i] for i in 0..model-1, gate/up as [gate_i | up_i] --
-and the model's `jnp.split` done per shard (reshape N to [model, N / model] first); the model
-code splits the global fused axis, so that layout is not used here.
+* column parallel over "model" (split N): ``wqkv`` with its columns re-ordered once at load as
+  [q_0 | k_0 | v_0 | q_1 | k_1 | v_1 | ...] (device i holds query heads i*H/m.. and KV heads
+  i*KV/m.., the GQA groups stay whole), ``w_gate_up`` as [gate_0 | up_0 | gate_1 | up_1 | ...],
+  and ``bqkv`` like wqkv. For a `QuantizedWeight` the packed codes, scales and mins move
+  together (N is never packed);
+* row parallel over "model" (split K): ``wo`` and ``w_down``; each device's partial product is
+  summed by one `psum` (all-reduce of the [batch, t, D] activations) per projection. Packed int4
+  needs whole 64-row pack tiles and whole quantization groups per shard (K / model a multiple
+  of lcm(64, G)); per-channel scales [.., 1, N] are replicated;
+* vocabulary parallel: ``embed`` [V, D] split over V (each device looks up the ids in its
+  range, zeros elsewhere, one `psum`), ``lm_head`` [D, V] and the Q8_0 head codes split over V;
+  each device computes its V / model logits and one all-gather assembles the [batch, t, V]
+  logits (activation-sized);
+* norms replicated; every weight replicated over "data" (data parallel over the batch);
+* KV caches (the float `KVCache` and the hierarchical `HierKVCache`): batch over "data", KV
+  heads over "model" (`cache_specs`).
 
-Row-parallel matmuls sum partial products across devices, so their float rounding can differ
-from a single device in the last bits (integer W4A4 / W4A8 dots accumulate in int32 and are
-exact until the float epilogue). Data parallelism changes nothing numerically except through
-XLA's choice of matmul kernel for the per-device batch.
+Anything that does not divide (heads, KV heads, F, V, pack tiles, groups) is refused with a
+ValueError naming it: there is no replicated fallback. QuaRot-rotated models are refused with
+model > 1 (their online Hadamard spans the whole attention width).
 
-Multi-host (NOT tested here: only one host with emulated CPU devices was available). Every
-process runs the same program:
+Checkpoints stay canonical: `load_quantized(..., mesh=)` restores the canonical arrays and
+converts them with `shard_params`, and `save_quantized` converts tensor-parallel params back
+with `canonical_params` before writing.
 
+Numerics: the embedding psum adds exact zeros, column-parallel matmuls and local attention are
+the same operations on fewer columns/heads, but the row-parallel psums add model partial sums
+of K / model rows each, which can change float rounding in the last bits compared with one
+device's single K-long accumulation (integer W4A4 / W4A8 dots accumulate in int32 and are exact
+until their float epilogue, which is per shard). The tests measure the logit difference and
+check greedy tokens.
+
+Multi-process (`experiments/sharding_multiprocess.py` runs 2 processes on one machine with
+gloo CPU collectives):
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU only
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     mesh = make_mesh(model_parallel=m)   # jax.devices() is then the GLOBAL device list
-    params = shard_params(params, mesh)  # each process holds the same full host copy
-    local = toks_of_this_process         # [global_batch / process_count, T]
-    toks = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+    params = shard_params(params, mesh, cfg)   # each process holds the same full host copy
+    toks = shard_batch(local_rows, mesh)       # make_array_from_process_local_data
 
-`shard_params` uses `jax.device_put`, which places the addressable shards of each process from
-its own full copy (every process must pass identical values). The batch must be built with
-`jax.make_array_from_process_local_data` (each process passes only its rows); `shard_batch`
-calls it automatically when `jax.process_count() > 1`. The mesh should keep the "model" axis
-inside a host (devices are taken in `jax.devices()` order, host-major), so tensor-parallel
-collectives stay on the fast intra-host links and only data-parallel traffic crosses hosts.
-Outputs are global arrays: read them with `jax.experimental.multihost_utils.process_allgather`
-or per process via `addressable_shards`.
+The mesh should keep the "model" axis inside a host (devices are taken in `jax.devices()`
+order, host-major) so tensor-parallel all-reduces stay on intra-host links.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -69,6 +75,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.int4 import PACK_TILE
+from qspec_jax.config import LlamaConfig
 from qspec_jax.model.params import LayerParams, Params
 from qspec_jax.quant.format import Q8Head, QuantizedWeight
 
@@ -79,12 +86,17 @@ ROW_PARALLEL = ("wo", "w_down")
 __all__ = [
     "AXES",
     "batch_sharding",
+    "cache_specs",
+    "canonical_params",
+    "check_tensor_parallel",
+    "local_config",
     "make_mesh",
     "param_specs",
     "replicated",
     "shard_batch",
     "shard_cache",
     "shard_params",
+    "tp_layout",
 ]
 
 
@@ -122,93 +134,66 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _column_spec(shape: tuple[int, ...], m: int) -> PartitionSpec:
-    """Split the last axis (N) over "model" when it divides, else replicate."""
-    if m > 1 and shape[-1] % m == 0:
-        return PartitionSpec(*([None] * (len(shape) - 1)), "model")
-    return PartitionSpec()
-
-
 def _axis_spec(ndim: int, axis: int) -> PartitionSpec:
     spec: list[Any] = [None] * ndim
-    spec[axis] = "model"
+    spec[axis % ndim] = "model"
     return PartitionSpec(*spec)
 
 
-def _weight_specs(name: str, w: Any, m: int) -> Any:
+def _weight_specs(name: str, w: Any) -> Any:
     """The PartitionSpec pytree of one linear weight (float array or QuantizedWeight)."""
-    quant = isinstance(w, QuantizedWeight)
-    arrays = [w.packed, w.scales, w.mins] if quant else [w]
-
-    def same(spec):
-        if not quant:
-            return spec
+    if name in COLUMN_PARALLEL:  # split N (the last axis) of every array
+        if not isinstance(w, QuantizedWeight):
+            return _axis_spec(len(w.shape), -1)
+        spec = _axis_spec(len(w.packed.shape), -1)
         return QuantizedWeight(spec, spec, None if w.mins is None else spec)
-
-    if m == 1:
-        return same(PartitionSpec())
-    if name in COLUMN_PARALLEL:
-        if all(a.shape[-1] % m == 0 for a in arrays if a is not None):
-            return same(_column_spec(arrays[0].shape, m))
-        return same(PartitionSpec())
-    # row parallel: split K
-    if not quant:
-        nd = len(w.shape)
-        return _axis_spec(nd, nd - 2) if w.shape[-2] % m == 0 else PartitionSpec()
-    k, groups = w.in_features, w.scales.shape[-2]
-    g = k // groups
-    if groups == 1:  # per channel: split the codes in whole tiles, replicate the [.., 1, N] scales
-        if k % (m * PACK_TILE):
-            return same(PartitionSpec())
-        code_spec = _axis_spec(len(w.packed.shape), len(w.packed.shape) - 2)
-        return QuantizedWeight(code_spec, PartitionSpec(), None if w.mins is None else PartitionSpec())
-    if k % (m * math.lcm(PACK_TILE, g)):
-        return same(PartitionSpec())
-    spec = _axis_spec(len(w.packed.shape), len(w.packed.shape) - 2)
-    return same(spec)
+    if not isinstance(w, QuantizedWeight):  # row parallel: split K
+        return _axis_spec(len(w.shape), -2)
+    code_spec = _axis_spec(len(w.packed.shape), -2)
+    if w.scales.shape[-2] == 1:  # per channel: the [.., 1, N] scales apply to every shard
+        scale_spec = PartitionSpec()
+    else:
+        scale_spec = code_spec
+    return QuantizedWeight(code_spec, scale_spec, None if w.mins is None else scale_spec)
 
 
 def param_specs(params: Params, mesh: Mesh | int) -> Params:
-    """The PartitionSpec of every array leaf of `params` (same pytree structure, None kept).
+    """The PartitionSpec of every array leaf of tensor-parallel `params` (None kept).
 
     Args:
         params: float or int4 parameters, with stacked layers or a tuple of per-layer
             `LayerParams` (`qspec_jax.model.params.unstack_layers`, the engine's CPU layout).
-        mesh: the mesh, or just the size of its "model" axis.
+        mesh: the mesh, or just the size of its "model" axis (the specs are the same for any
+            size; `check_tensor_parallel` says whether a size divides the model).
     """
-    m = mesh if isinstance(mesh, int) else mesh.shape["model"]
+    del mesh  # same specs for every model size (model = 1 splits nothing)
     rep = PartitionSpec()
     if isinstance(params.layers, tuple):  # per-layer arrays (`unstack_layers`): same rules each
-        layers = tuple(_layer_specs(lp, m) for lp in params.layers)
+        layers = tuple(_layer_specs(lp) for lp in params.layers)
     else:
-        layers = _layer_specs(params.layers, m)
+        layers = _layer_specs(params.layers)
+    vocab_rows = PartitionSpec("model", None)  # [V, D] / [V, D // 32]: split V
     return Params(
-        embed=rep,
+        embed=vocab_rows,
         layers=layers,
         final_norm=rep,
-        lm_head=None if params.lm_head is None else rep,
-        head_q8=None if params.head_q8 is None else Q8Head(codes=rep, scales=rep),
+        lm_head=None if params.lm_head is None else PartitionSpec(None, "model"),  # [D, V]
+        head_q8=None if params.head_q8 is None else Q8Head(codes=vocab_rows, scales=vocab_rows),
+        mesh=params.mesh,
     )
 
 
-def _layer_specs(lp: LayerParams, m: int) -> LayerParams:
+def _layer_specs(lp: LayerParams) -> LayerParams:
     """Specs of one LayerParams, stacked [L, ...] or a single layer (rules use the last 2 axes)."""
     rep = PartitionSpec()
-    wqkv_spec = _weight_specs("wqkv", lp.wqkv, m)
-    if lp.bqkv is None:
-        bqkv_spec = None
-    else:
-        # the bias follows the columns of wqkv
-        col = wqkv_spec.packed if isinstance(wqkv_spec, QuantizedWeight) else wqkv_spec
-        bqkv_spec = _column_spec(lp.bqkv.shape, m) if col != rep else rep
     return LayerParams(
         attn_norm=rep,
-        wqkv=wqkv_spec,
-        bqkv=bqkv_spec,
-        wo=_weight_specs("wo", lp.wo, m),
+        wqkv=_weight_specs("wqkv", lp.wqkv),
+        bqkv=None if lp.bqkv is None else _axis_spec(len(lp.bqkv.shape), -1),
+        wo=_weight_specs("wo", lp.wo),
         mlp_norm=rep,
-        w_gate_up=_weight_specs("w_gate_up", lp.w_gate_up, m),
-        w_down=_weight_specs("w_down", lp.w_down, m),
+        w_gate_up=_weight_specs("w_gate_up", lp.w_gate_up),
+        w_down=_weight_specs("w_down", lp.w_down),
     )
 
 
@@ -216,12 +201,135 @@ def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def shard_params(params: Params, mesh: Mesh) -> Params:
-    """Places `params` on `mesh`: tensor parallel over "model", replicated over "data".
+def check_tensor_parallel(cfg: LlamaConfig, params: Params, m: int) -> None:
+    """Raises ValueError when `m` devices cannot split this model head-consistently.
 
-    Works for float and `QuantizedWeight` linears (see the module docstring for the layout and
-    `param_specs` for the spec of each leaf). Returns new arrays; `params` is unchanged.
+    Needs m to divide the query heads, the KV heads, the MLP width and the vocabulary, and (for
+    int4 row-parallel weights) each shard to hold whole 64-row pack tiles and whole groups.
     """
+    if m == 1:
+        return
+    sizes = {
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+    }
+    for what, n in sizes.items():
+        if n % m:
+            raise ValueError(
+                f"model_parallel={m} does not divide the model's {what} ({n}); choose a "
+                "model_parallel that divides num_heads, num_kv_heads, intermediate_size and "
+                "vocab_size"
+            )
+    layers = params.layers if isinstance(params.layers, tuple) else (params.layers,)
+    for name in ROW_PARALLEL:
+        w = getattr(layers[0], name)
+        if not isinstance(w, QuantizedWeight):
+            continue
+        k, groups = w.in_features, w.scales.shape[-2]
+        unit = PACK_TILE if groups == 1 else math.lcm(PACK_TILE, k // groups)
+        if k % (m * unit):
+            raise ValueError(
+                f"model_parallel={m} splits {name} (K = {k}, group size {k // groups}) into "
+                f"shards of {k // m} rows, not a multiple of {unit} (whole {PACK_TILE}-row int4 "
+                "pack tiles and whole quantization groups); choose a smaller model_parallel"
+            )
+
+
+def local_config(cfg: LlamaConfig, m: int) -> LlamaConfig:
+    """The config one of `m` tensor-parallel devices runs: its heads and its MLP columns.
+
+    (vocab_size stays global: the local head's width comes from the weights' shapes.)
+    """
+    if m == 1:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        num_heads=cfg.num_heads // m,
+        num_kv_heads=cfg.num_kv_heads // m,
+        intermediate_size=cfg.intermediate_size // m,
+    )
+
+
+def _column_orders(cfg: LlamaConfig, m: int) -> dict[str, np.ndarray]:
+    """Column permutations canonical -> tensor-parallel of the fused N axes (`tp_layout`)."""
+    q, kv, f = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    qi, kvi, fi = q // m, kv // m, f // m
+    qkv = np.concatenate(
+        [
+            np.concatenate(
+                [
+                    np.arange(i * qi, (i + 1) * qi),  # q heads of shard i
+                    q + np.arange(i * kvi, (i + 1) * kvi),  # its k heads
+                    q + kv + np.arange(i * kvi, (i + 1) * kvi),  # its v heads
+                ]
+            )
+            for i in range(m)
+        ]
+    )
+    gate_up = np.concatenate(
+        [np.concatenate([np.arange(i * fi, (i + 1) * fi), f + np.arange(i * fi, (i + 1) * fi)])
+         for i in range(m)]
+    )  # fmt: skip
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": gate_up}
+
+
+def _permute_columns(params: Params, orders: dict[str, np.ndarray]) -> Params:
+    def layer(lp: LayerParams) -> LayerParams:
+        def cols(x, order):
+            if x is None:
+                return None
+            if isinstance(x, QuantizedWeight):
+                return jax.tree_util.tree_map(lambda a: cols(a, order), x)
+            return np.take(np.asarray(jax.device_get(x)), order, axis=-1)
+
+        return lp.replace(
+            **{name: cols(getattr(lp, name), order) for name, order in orders.items()}
+        )
+
+    if isinstance(params.layers, tuple):
+        return params.replace(layers=tuple(layer(lp) for lp in params.layers))
+    return params.replace(layers=layer(params.layers))
+
+
+def tp_layout(params: Params, cfg: LlamaConfig, m: int) -> Params:
+    """Re-orders wqkv / bqkv / w_gate_up columns so a contiguous split of N over `m` devices
+    gives each its own q, k, v heads and gate, up columns (host arrays; see the module doc)."""
+    if m == 1:
+        return params
+    return _permute_columns(params, _column_orders(cfg, m))
+
+
+def canonical_params(params: Params, cfg: LlamaConfig) -> Params:
+    """Tensor-parallel params (from `shard_params`) back in the canonical layout, on the host,
+    without a mesh (what checkpoints store). Params without a mesh are returned unchanged."""
+    if params.mesh is None:
+        return params
+    m = params.mesh.shape["model"]
+    inverse = {k: np.argsort(v) for k, v in _column_orders(cfg, m).items()}
+    return _permute_columns(params, inverse).replace(mesh=None) if m > 1 else params.replace(
+        mesh=None
+    )
+
+
+def shard_params(params: Params, mesh: Mesh, cfg: LlamaConfig) -> Params:
+    """Tensor-parallel params on `mesh`: converted once to the head-consistent layout, placed
+    with `param_specs` (each device holds about 1 / model of the weight bytes), and marked with
+    the mesh (`Params.mesh`) so `forward` runs under `shard_map`.
+
+    Works for float and `QuantizedWeight` linears, stacked or per-layer. `params` must be in the
+    canonical layout (as loaded or restored); returns new arrays.
+
+    Raises:
+        ValueError: the model does not split over the mesh's "model" axis
+            (`check_tensor_parallel`), or `params` already carry a mesh.
+    """
+    if params.mesh is not None:
+        raise ValueError("shard_params: these params are already sharded (Params.mesh is set)")
+    m = mesh.shape["model"]
+    check_tensor_parallel(cfg, params, m)
+    params = tp_layout(params, cfg, m).replace(mesh=mesh)
     specs = param_specs(params, mesh)
     shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
     return jax.device_put(params, shardings)
@@ -265,23 +373,39 @@ def shard_batch(x, mesh: Mesh, axis: int = 0):
     return jax.tree_util.tree_map(put, x)
 
 
-def shard_cache(cache, mesh: Mesh, shard_heads: bool = True):
-    """Places a `KVCache`: batch over "data" and, when they divide, KV heads over "model".
+def cache_specs(cache) -> Any:
+    """PartitionSpecs of a cache (any format): batch over "data", KV heads over "model".
 
-    k / v are [layers, batch, capacity, kv_heads, head_dim]; lengths [batch]. Sharding the heads
-    over "model" keeps the cache memory per device at 1 / (data * model); it is correct whatever
-    the weights' layout (GSPMD reshards), and `shard_heads=False` replicates them instead.
+    Every array of `KVCache` and `HierKVCache` is either per row ([batch]: lengths, q_len,
+    buf_start) or [layers, batch, positions, kv_heads, ...] (keys, values, codes, scales).
+    """
+
+    def spec(a):
+        if a.ndim == 1:
+            return PartitionSpec("data")
+        if a.ndim < 4:
+            raise ValueError(f"cache_specs: unexpected cache array of shape {a.shape}")
+        return PartitionSpec(None, "data", None, "model", *([None] * (a.ndim - 4)))
+
+    return jax.tree_util.tree_map(spec, cache)
+
+
+def shard_cache(cache, mesh: Mesh):
+    """Places a cache (`KVCache` or `HierKVCache`) with `cache_specs`: batch over "data", KV
+    heads over "model" (memory per device 1 / (data * model)).
+
+    Raises:
+        ValueError: the batch or the KV heads do not divide over the mesh.
     """
     d, m = mesh.shape["data"], mesh.shape["model"]
-    b, kvh = cache.k.shape[1], cache.k.shape[3]
+    leaves = jax.tree_util.tree_leaves(cache)
+    b = cache.batch
+    kvh = next(a.shape[3] for a in leaves if a.ndim >= 4)
     if b % d:
         raise ValueError(
             f"batch size {b} is not a multiple of the data-parallel size {d}; pad the batch"
         )
-    heads = "model" if shard_heads and m > 1 and kvh % m == 0 else None
-    kv = NamedSharding(mesh, PartitionSpec(None, "data", None, heads, None))
-    return cache.replace(
-        k=jax.device_put(cache.k, kv),
-        v=jax.device_put(cache.v, kv),
-        lengths=jax.device_put(cache.lengths, NamedSharding(mesh, PartitionSpec("data"))),
-    )
+    if kvh % m:
+        raise ValueError(f"model_parallel={m} does not divide the cache's {kvh} KV heads")
+    specs = cache_specs(cache)
+    return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), cache, specs)

@@ -78,12 +78,15 @@ def _block(
     kv_view: str = "target",
     rope_pos: jnp.ndarray | None = None,
     mask: jnp.ndarray | None = None,
+    tp_axis: str | None = None,
 ):
     """One decoder block; returns (x, cache).
 
     `cache` is any cache format (`qspec_jax.cache.protocol.CacheFormat`): the block writes its new
     K/V with `cache.write_layer` and attends with `cache.attend(..., kv_view)`. RoPE uses
     `rope_pos` when given (tree nodes), and `mask` when given replaces causal visibility.
+    Under tensor parallelism (`tp_axis`, inside `shard_map`) `cfg` is the device's local config
+    and the row-parallel wo / w_down partial products are summed over `tp_axis`.
     """
     rope_pos = positions if rope_pos is None else rope_pos
     b, t, _ = x.shape
@@ -99,14 +102,19 @@ def _block(
         cache = cache.write_layer(layer, positions, k, v)
         attn = cache.attend(layer, q, positions, kv_view, mask)  # [batch, t, q]
         attn = online_hadamard(attn, qcfg, impl)
-        x = x + linear(attn, lp.wo, precision, qcfg, impl)
+        x = x + _row_sum(linear(attn, lp.wo, precision, qcfg, impl), tp_axis)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
         gate, up = jnp.split(linear(h, lp.w_gate_up, precision, qcfg, impl), 2, axis=-1)
         act = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up  # [batch, t, F]
         act = online_hadamard(act, qcfg, impl)
-        x = x + linear(act, lp.w_down, precision, qcfg, impl)
+        x = x + _row_sum(linear(act, lp.w_down, precision, qcfg, impl), tp_axis)
     return x, cache
+
+
+def _row_sum(y: jnp.ndarray, tp_axis: str | None) -> jnp.ndarray:
+    """The full output of a row-parallel linear: the sum of every device's partial product."""
+    return y if tp_axis is None else jax.lax.psum(y, tp_axis)
 
 
 def lm_head(params: Params, x: jnp.ndarray, impl: str | None = None) -> jnp.ndarray:
@@ -174,11 +182,90 @@ def forward(
     """
     if isinstance(params, TwoWeights):  # a float target with an int4 draft copy
         params = params.for_precision(precision)
+    kw = dict(
+        logits_index=logits_index, impl=impl, kv_view=kv_view, rope_positions=rope_positions,
+        attn_mask=attn_mask,
+    )
+    if params.mesh is not None:  # tensor / data parallel: each device runs its shard
+        return _forward_sharded(params, tokens, cache, cfg, qcfg, precision, **kw)
+    return _forward_local(params, tokens, cache, cfg, qcfg, precision, **kw)
+
+
+def _forward_sharded(params, tokens, cache, cfg, qcfg, precision, **kw):
+    """`forward` under `jax.shard_map` over `params.mesh` (see `qspec_jax.sharding`).
+
+    Batch-indexed inputs and outputs are split over "data"; the weights and the cache's KV heads
+    over "model". Each device runs `_forward_local` with its local config on its shards.
+    """
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    from qspec_jax.sharding import cache_specs, local_config, param_specs  # noqa: PLC0415
+
+    mesh = params.mesh
+    m = mesh.shape["model"]
+    if m > 1 and qcfg.rotated:
+        raise NotImplementedError(
+            "tensor parallelism (model_parallel > 1) of a QuaRot-rotated model is not built: its "
+            "online Hadamard spans the whole attention / MLP width; use model_parallel=1"
+        )
+    tp_axis = "model" if m > 1 else None
+    local_cfg = local_config(cfg, m)
+    per_row = ("logits_index", "rope_positions", "attn_mask")  # optional arrays, batch first
+    arrays = {k: kw.pop(k) for k in per_row if kw[k] is not None}
+    for k in per_row:
+        kw.pop(k, None)
+
+    def local(params, tokens, cache, arrays):
+        return _forward_local(
+            params, tokens, cache, local_cfg, qcfg, precision, tp_axis=tp_axis, **arrays, **kw
+        )
+
+    row = P("data")
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(param_specs(params, mesh), row, cache_specs(cache), {k: row for k in arrays}),
+        out_specs=(row, cache_specs(cache)),
+        check_vma=False,  # the kernels are custom calls; every collective here is explicit
+    )
+    return fn(params, tokens, cache, arrays)
+
+
+def _embed(params: Params, tokens: jnp.ndarray, tp_axis: str | None) -> jnp.ndarray:
+    """Token embeddings [batch, t, D]; vocabulary-parallel under `tp_axis` (each device holds
+    rows [i * V / m, (i + 1) * V / m) of the table, looks up the ids in its range, and one psum
+    adds the single non-zero contribution, exactly)."""
+    if tp_axis is None:
+        return params.embed[tokens]
+    rows = params.embed.shape[0]  # V / m
+    ids = tokens - jax.lax.axis_index(tp_axis) * rows
+    mine = (ids >= 0) & (ids < rows)
+    x = jnp.where(mine[..., None], params.embed[jnp.clip(ids, 0, rows - 1)], 0)  # [batch, t, D]
+    return jax.lax.psum(x, tp_axis)
+
+
+def _forward_local(
+    params: Params,
+    tokens: jnp.ndarray,
+    cache: KVCache,
+    cfg: LlamaConfig,
+    qcfg: QuantConfig,
+    precision: str,
+    *,
+    logits_index: jnp.ndarray | None = None,
+    impl: str | None = None,
+    kv_view: str = "target",
+    rope_positions: jnp.ndarray | None = None,
+    attn_mask: jnp.ndarray | None = None,
+    tp_axis: str | None = None,
+) -> tuple[jnp.ndarray, KVCache]:
+    """`forward` on one device (arguments as there); under `shard_map` (`tp_axis` set) `cfg` is
+    the local config, the arrays are this device's shards, and the logits are all-gathered."""
     b, t = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]
     inv_freq = rope_inv_freq(cfg)
     with jax.named_scope("embed"):
-        x = params.embed[tokens].astype(cfg.jnp_dtype)  # [batch, t, D]
+        x = _embed(params, tokens, tp_axis).astype(cfg.jnp_dtype)  # [batch, t, D]
 
     def body(carry, xs):
         x, c = carry
@@ -186,7 +273,7 @@ def forward(
         with jax.named_scope("block"):
             x, c = _block(
                 x, lp, layer, c, positions, inv_freq, cfg, qcfg, precision, impl, kv_view,
-                rope_positions, attn_mask,
+                rope_positions, attn_mask, tp_axis,
             )
         return (x, c), None
 
@@ -202,5 +289,7 @@ def forward(
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # [batch, D]
         x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-        logits = lm_head(params, x, impl)
+        logits = lm_head(params, x, impl)  # [..., V / m] under tensor parallelism
+        if tp_axis is not None:  # vocabulary-parallel head: gather the activation-sized logits
+            logits = jax.lax.all_gather(logits, tp_axis, axis=logits.ndim - 1, tiled=True)
     return logits, cache

@@ -9,6 +9,8 @@ every precision reads). q/k/v are fused into one [D, q + 2 kv] projection and ga
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -60,6 +62,7 @@ class Params:
     final_norm: jnp.ndarray
     lm_head: jnp.ndarray | None = None
     head_q8: Q8Head | None = struct.field(default=None, metadata={"derived": True})
+    mesh: Any = struct.field(pytree_node=False, default=None, metadata={"derived": True})
 
 
 def is_derived(field) -> bool:
