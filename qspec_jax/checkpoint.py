@@ -412,6 +412,10 @@ def save_quantized(
             )
     if not isinstance(params, Params):
         raise TypeError(f"save_quantized needs a Params tree, got {type(params).__name__}")
+    if params.mesh is not None:  # tensor-parallel layout: store the canonical one
+        from qspec_jax.sharding import canonical_params  # noqa: PLC0415
+
+        params = canonical_params(params, cfg)
     params = stack_layers(params)
     if tokenizer_source is not None:
         tokenizer_source = os.fspath(tokenizer_source)
@@ -558,37 +562,13 @@ def _build(node: Any, prefix: str, restored: dict[str, Any]) -> Any:
     return cls(**{k: _build(v, f"{prefix}{k}.", restored) for k, v in node["fields"].items()})
 
 
-def _spec_shardings(meta_tree: dict, arrays: dict[str, dict], mesh) -> dict[str, Any]:
-    """NamedSharding per array name for restoring directly onto `mesh`."""
-    from jax.sharding import NamedSharding  # noqa: PLC0415
-
-    from qspec_jax.sharding import param_specs  # noqa: PLC0415
-
-    abstract = {n: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]))
-                for n, a in arrays.items()}
-    specs = param_specs(_build(meta_tree, "", abstract), mesh)
-    flat: dict[str, Any] = {}
-
-    def walk(node, spec, prefix):
-        if node is None:
-            return
-        if node == "array":
-            flat[prefix[:-1]] = NamedSharding(mesh, spec)
-            return
-        for k, v in node["fields"].items():
-            walk(v, getattr(spec, k), f"{prefix}{k}.")
-
-    walk(meta_tree, specs, "")
-    return flat
-
-
 def load_quantized(path: str | os.PathLike, *, mesh=None, verify_checksums: bool = True):
     """Loads a checkpoint written by `save_quantized`.
 
     Args:
         path: the checkpoint directory.
-        mesh: optional `jax.sharding.Mesh`: the arrays are restored directly into the shardings
-            of `qspec_jax.sharding.shard_params` (each device reads only its shard).
+        mesh: optional `jax.sharding.Mesh`: the canonical arrays are restored, then converted
+            and placed by `qspec_jax.sharding.shard_params` (tensor-parallel layout).
         verify_checksums: compare each array's sha256 with the recorded one (reads every byte
             once more on the host; skipped for arrays not fully addressable by this process).
 
@@ -655,10 +635,8 @@ def load_quantized(path: str | os.PathLike, *, mesh=None, verify_checksums: bool
                         adir, f"array {n} is stored as {found} but {META_FILE} records {want}",
                         "the arrays were altered; re-save the checkpoint",
                     )
-            shardings = _spec_shardings(tree, arrays, mesh) if mesh is not None else {}
             target = _nest({
-                n: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]),
-                                        sharding=shardings.get(n))
+                n: jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]))
                 for n, a in arrays.items()
             })
             restored = _flatten(ckptr.restore(adir, target))
@@ -687,4 +665,8 @@ def load_quantized(path: str | os.PathLike, *, mesh=None, verify_checksums: bool
             )
         out[n] = x if isinstance(x, jax.Array) else jnp.asarray(x)
     params = _build(tree, "", out)
+    if mesh is not None:  # the stored layout is canonical: convert it for tensor parallelism
+        from qspec_jax.sharding import shard_params  # noqa: PLC0415
+
+        params = shard_params(params, mesh, cfg)
     return cfg, params, qcfg, tok

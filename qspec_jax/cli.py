@@ -75,7 +75,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--devices",
         type=int,
         default=None,
-        help="shard over this many devices (data parallel; default: no mesh)",
+        help="shard over this many devices (data x model parallel; default: no mesh)",
     )
     p.add_argument(
         "--model-parallel",
@@ -180,8 +180,6 @@ def cmd_generate(args) -> int:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.kv_residual < 1:
         raise CliError(f"--kv-residual must be >= 1, got {args.kv_residual}")
-    if args.kv_cache == "hier" and args.devices is not None:
-        raise CliError("--kv-cache hier is not sharded yet: drop --devices")
     method = _method(args)  # checked before the model is loaded
     engine = load(
         args.model,

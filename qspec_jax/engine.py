@@ -350,7 +350,7 @@ class Engine:
         if mesh is not None and not prepared:  # tensor-parallel over "model", data over "data"
             from qspec_jax.sharding import shard_params  # noqa: PLC0415
 
-            params = map_weight_sets(lambda p: shard_params(p, mesh), params)
+            params = map_weight_sets(lambda p: shard_params(p, mesh, config), params)
         self.params = params
         # "float", "int4" or both (a float target with an int4 draft copy: `TwoWeights`)
         self.weight_kinds = weight_kinds(params)
@@ -484,10 +484,6 @@ class Engine:
             )
         except MethodError as e:
             raise UsageError(str(e)) from None
-        if kv_cache == "hier" and self.mesh is not None:
-            raise NotImplementedError(
-                "kv_cache='hier' is not sharded yet: run it without a mesh (--devices)"
-            )
         return kv_cache
 
     def _plan(self, token_lists: list[list[int]], dc: DecodeConfig):

@@ -172,7 +172,6 @@ def test_engine_rejects_bad_kv_options_in_one_sentence(tiny_engine):
         (["--kv-cache", "int3"], "invalid choice: 'int3'"),
         (["--mode", "quantspec", "--kv-cache", "float"], "use --kv-cache hier"),
         (["--kv-cache", "hier", "--kv-residual", "0"], "--kv-residual must be >= 1"),
-        (["--kv-cache", "hier", "--devices", "2"], "not sharded yet"),
     ],
 )
 def test_cli_rejects_bad_kv_options_exit_2(capsys, argv, needle):

@@ -55,6 +55,9 @@ class Params:
         head_q8: the same head as int8 codes on its exact Q8_0 grid (`attach_q8_head`), or None.
             Derived from the float head, never stored in checkpoints (`DERIVED`); whatever
             replaces `embed` / `lm_head` must drop it (`params.replace(..., head_q8=None)`).
+        mesh: the `jax.sharding.Mesh` of tensor-parallel params (`qspec_jax.sharding.shard_params`:
+            head-consistent layout; `forward` then runs under `shard_map`), or None. Static (in
+            the pytree structure, not a leaf) and never stored in checkpoints.
     """
 
     embed: jnp.ndarray
