@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -86,6 +87,7 @@ ROW_PARALLEL = ("wo", "w_down")
 __all__ = [
     "AXES",
     "batch_sharding",
+    "cache_on_mesh",
     "cache_specs",
     "canonical_params",
     "check_tensor_parallel",
@@ -408,4 +410,72 @@ def shard_cache(cache, mesh: Mesh):
     if kvh % m:
         raise ValueError(f"model_parallel={m} does not divide the cache's {kvh} KV heads")
     specs = cache_specs(cache)
-    return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), cache, specs)
+    placed = jax.tree_util.tree_map(
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), cache, specs
+    )
+    return cache_on_mesh(placed, mesh)
+
+
+def cache_on_mesh(cache, mesh: Mesh):
+    """Records `mesh` in a hierarchical cache's static layout (its bookkeeping then runs per
+    shard, see `HierLayout.mesh`); other formats are returned unchanged. `shard_cache` calls it;
+    use it directly for abstract caches (`jax.ShapeDtypeStruct` leaves)."""
+    if hasattr(cache, "layout"):
+        return cache.replace(layout=dataclasses.replace(cache.layout, mesh=mesh))
+    return cache
+
+
+# --------------------------------------------------------------------------- compiled-program audit
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
+_COLLECTIVE_RE = re.compile(
+    r"=\s*(?P<type>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
+    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\("
+)
+_SHAPE_RE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """The collective operations of a compiled HLO module (`compiled.as_text()`), one per op.
+
+    Each entry: {"op": "all-reduce" | "all-gather" | ..., "bytes": bytes of its result,
+    "shapes": the result shapes}. An async "-start" op counts once (its "-done" is skipped);
+    for an async all-gather, whose result tuple holds (operand, result), only the result counts.
+    Static: an op inside a loop body is listed once, however many times the loop runs.
+    """
+    out = []
+    for line in hlo_text.splitlines():
+        mt = _COLLECTIVE_RE.search(line)
+        if mt is None:
+            continue
+        shapes = [
+            (dt, tuple(int(d) for d in dims.split(",") if d))
+            for dt, dims in _SHAPE_RE.findall(mt.group("type"))
+            if dt in _DTYPE_BYTES
+        ]
+        if mt.group("start") and mt.group("op") == "all-gather":
+            shapes = shapes[-1:]
+        nbytes = sum(_DTYPE_BYTES[dt] * math.prod(s) for dt, s in shapes)
+        out.append({"op": mt.group("op"), "bytes": int(nbytes), "shapes": [list(s) for _, s in shapes]})
+    return out
+
+
+def weight_bytes(params: Params) -> tuple[int, int]:
+    """(total bytes of the weights, the largest bytes any one device holds of them).
+
+    Works on placed arrays and on `jax.ShapeDtypeStruct`s carrying a sharding; the derived
+    int8 head copy (`head_q8`) counts like any weight.
+    """
+    total, per_device = 0, {}
+    for a in jax.tree_util.tree_leaves(params):
+        nbytes = math.prod(a.shape) * np.dtype(a.dtype).itemsize
+        total += nbytes
+        sh = getattr(a, "sharding", None)
+        if sh is None:
+            per_device[None] = per_device.get(None, 0) + nbytes
+            continue
+        shard = math.prod(sh.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+        for d in sh.device_set:
+            per_device[d] = per_device.get(d, 0) + shard
+    return int(total), int(max(per_device.values()))

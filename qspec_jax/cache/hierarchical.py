@@ -54,7 +54,9 @@ self-check against XLA, per call with the fallback to this XLA path; else that X
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +113,11 @@ class HierLayout:
             NotImplementedError propagates). `HierKVCache.init` picks
             `default_attention_impl()` when not told (the kernel registry's choice: "cpu" where
             it is available, "auto" on a GPU, else "xla").
+        mesh: the `jax.sharding.Mesh` the cache is placed on (`qspec_jax.sharding.shard_cache`),
+            or None. With a mesh, the per-row bookkeeping outside the model's forward
+            (`finish_prefill`, `commit`, `flush`) runs under `jax.shard_map` on each device's
+            rows and KV heads (`_per_shard`): left to GSPMD, its per-row dynamic slices
+            resharded the whole cache over the "data" axis (all-to-alls, all-gathers).
     """
 
     residual: int
@@ -121,6 +128,7 @@ class HierLayout:
     q_capacity: int
     step_tokens: int
     attention_impl: str = "xla"
+    mesh: Any = None
 
     @property
     def stage_chunks(self) -> int:
@@ -229,6 +237,40 @@ def dequantize(
 
 
 # ------------------------------------------------------------------------- the cache
+
+
+def _per_shard(method):
+    """Runs a `HierKVCache` method on each device's shard when the layout holds a mesh.
+
+    Every array of the cache (and of the method's array arguments: lengths [batch], a scratch
+    `KVCache`) is split by `qspec_jax.sharding.cache_specs` (rows over "data", KV heads over
+    "model"), and the method's work is per row and per KV head, so each device computes exactly
+    its part of the single-device result. Keyword arguments are static.
+    """
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kw):
+        mesh = self.layout.mesh
+        if mesh is None:
+            return method(self, *args, **kw)
+        from qspec_jax.sharding import cache_specs  # noqa: PLC0415 (sharding imports the model)
+
+        local = dataclasses.replace(self.layout, mesh=None)
+        specs = cache_specs(self.replace(layout=local))
+
+        def body(cache, *a):
+            return method(cache, *a, **kw)
+
+        out = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(specs, *cache_specs(args)),
+            out_specs=specs,
+            check_vma=False,
+        )(self.replace(layout=local), *args)
+        return out.replace(layout=self.layout)
+
+    return wrapped
 
 
 @struct.dataclass
@@ -344,6 +386,7 @@ class HierKVCache:
         z = jnp.zeros((nl, b, prompt_len, kvh, hd), self.k_buf.dtype)  # [L, batch, T, kvh, hd]
         return KVCache(k=z, v=z, lengths=jnp.zeros((b,), jnp.int32))
 
+    @_per_shard
     def finish_prefill(self, scratch: KVCache, lengths: jnp.ndarray) -> HierKVCache:
         """This cache holding the prompts' K/V from `scratch` [layers, batch, T, ...] at `lengths`.
 
@@ -377,6 +420,7 @@ class HierKVCache:
             buf_start=start,
         )
 
+    @_per_shard
     def commit(self, lengths: jnp.ndarray, flush: bool = True) -> HierKVCache:
         """Sets the verified lengths [batch]; with `flush`, quantizes completed chunks now.
 
@@ -402,6 +446,7 @@ class HierKVCache:
             v_stage = jnp.concatenate([v for _, v in chunks], axis=2)
         return cache.replace(k_stage=k_stage, v_stage=v_stage)  # [L, batch, stage, kvh, hd]
 
+    @_per_shard
     def flush(self) -> HierKVCache:
         """Quantizes the chunks the last `commit(flush=False)` staged; advances the buffer.
 
