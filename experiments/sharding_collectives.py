@@ -212,10 +212,9 @@ def run_tokens(mesh_shapes, n_tokens: int = 24) -> dict:
         else:
             ids_in = ids
 
-        @jax.jit
-        def logits(p, i, c):
-            return forward(p, i, c, eng.config, eng.qconfig, "w4a16")[0]
-
+        logits = jax.jit(
+            lambda p, i, c, cfg=eng.config, q=eng.qconfig: forward(p, i, c, cfg, q, "w4a16")[0]
+        )
         lg = np.asarray(jax.device_get(logits(eng.params, ids_in, cache)))
         if ref_logits is None:
             ref_logits = lg
