@@ -199,10 +199,6 @@ def _layer_specs(lp: LayerParams) -> LayerParams:
     )
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, PartitionSpec)
-
-
 def check_tensor_parallel(cfg: LlamaConfig, params: Params, m: int) -> None:
     """Raises ValueError when `m` devices cannot split this model head-consistently.
 
@@ -333,8 +329,18 @@ def shard_params(params: Params, mesh: Mesh, cfg: LlamaConfig) -> Params:
     check_tensor_parallel(cfg, params, m)
     params = tp_layout(params, cfg, m).replace(mesh=mesh)
     specs = param_specs(params, mesh)
-    shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
-    return jax.device_put(params, shardings)
+    return jax.tree_util.tree_map(
+        lambda a, s: _place(a, NamedSharding(mesh, s)), params, specs
+    )
+
+
+def _place(a, sharding: NamedSharding):
+    """`a` placed with `sharding`; with several processes each builds its addressable shards
+    from its own full host copy (every process must hold the same values)."""
+    if jax.process_count() == 1:
+        return jax.device_put(a, sharding)
+    host = np.asarray(jax.device_get(a))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
@@ -410,9 +416,7 @@ def shard_cache(cache, mesh: Mesh):
     if kvh % m:
         raise ValueError(f"model_parallel={m} does not divide the cache's {kvh} KV heads")
     specs = cache_specs(cache)
-    placed = jax.tree_util.tree_map(
-        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), cache, specs
-    )
+    placed = jax.tree_util.tree_map(lambda a, s: _place(a, NamedSharding(mesh, s)), cache, specs)
     return cache_on_mesh(placed, mesh)
 
 
