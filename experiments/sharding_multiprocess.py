@@ -127,10 +127,21 @@ def launch(args) -> int:
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [*base, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-             str(args.num_processes), "--process-id", str(i), "--devices-per-process",
-             str(args.devices_per_process)],  # fmt: skip
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                *base,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(args.num_processes),
+                "--process-id",
+                str(i),
+                "--devices-per-process",
+                str(args.devices_per_process),
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for i in range(args.num_processes)
     ]
@@ -147,7 +158,9 @@ def launch(args) -> int:
     workers = [_result(o) for o, _ in outs]
     single_res = _result(ref.stdout)
     equal = {
-        mode: all(w["modes"][mode]["tokens"] == single_res["modes"][mode]["tokens"] for w in workers)
+        mode: all(
+            w["modes"][mode]["tokens"] == single_res["modes"][mode]["tokens"] for w in workers
+        )
         for mode, _ in MODES
     }
     result = {

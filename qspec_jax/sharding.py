@@ -306,8 +306,8 @@ def canonical_params(params: Params, cfg: LlamaConfig) -> Params:
         return params
     m = params.mesh.shape["model"]
     inverse = {k: np.argsort(v) for k, v in _column_orders(cfg, m).items()}
-    return _permute_columns(params, inverse).replace(mesh=None) if m > 1 else params.replace(
-        mesh=None
+    return (
+        _permute_columns(params, inverse).replace(mesh=None) if m > 1 else params.replace(mesh=None)
     )
 
 
@@ -329,9 +329,7 @@ def shard_params(params: Params, mesh: Mesh, cfg: LlamaConfig) -> Params:
     check_tensor_parallel(cfg, params, m)
     params = tp_layout(params, cfg, m).replace(mesh=mesh)
     specs = param_specs(params, mesh)
-    return jax.tree_util.tree_map(
-        lambda a, s: _place(a, NamedSharding(mesh, s)), params, specs
-    )
+    return jax.tree_util.tree_map(lambda a, s: _place(a, NamedSharding(mesh, s)), params, specs)
 
 
 def _place(a, sharding: NamedSharding):
@@ -461,7 +459,9 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
         if mt.group("start") and mt.group("op") == "all-gather":
             shapes = shapes[-1:]
         nbytes = sum(_DTYPE_BYTES[dt] * math.prod(s) for dt, s in shapes)
-        out.append({"op": mt.group("op"), "bytes": int(nbytes), "shapes": [list(s) for _, s in shapes]})
+        out.append(
+            {"op": mt.group("op"), "bytes": int(nbytes), "shapes": [list(s) for _, s in shapes]}
+        )
     return out
 
 

@@ -183,7 +183,10 @@ def forward(
     if isinstance(params, TwoWeights):  # a float target with an int4 draft copy
         params = params.for_precision(precision)
     kw = dict(
-        logits_index=logits_index, impl=impl, kv_view=kv_view, rope_positions=rope_positions,
+        logits_index=logits_index,
+        impl=impl,
+        kv_view=kv_view,
+        rope_positions=rope_positions,
         attn_mask=attn_mask,
     )
     if params.mesh is not None:  # tensor / data parallel: each device runs its shard
@@ -272,8 +275,20 @@ def _forward_local(
         lp, layer = xs
         with jax.named_scope("block"):
             x, c = _block(
-                x, lp, layer, c, positions, inv_freq, cfg, qcfg, precision, impl, kv_view,
-                rope_positions, attn_mask, tp_axis,
+                x,
+                lp,
+                layer,
+                c,
+                positions,
+                inv_freq,
+                cfg,
+                qcfg,
+                precision,
+                impl,
+                kv_view,
+                rope_positions,
+                attn_mask,
+                tp_axis,
             )
         return (x, c), None
 
