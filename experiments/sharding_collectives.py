@@ -13,11 +13,11 @@ and reports each device's addressable weight bytes. Shapes are SmolLM2-135M's as
 them (asymmetric group-32 int4 linears with float32 scales and mins, the tied float32 embedding
 and its int8 Q8_0 head copy), built as abstract arrays: nothing is loaded or run here.
 `--run` additionally loads the real model on one device and on data 2 x model 3 and measures
-greedy tokens and tokens/s on the
-emulated devices (which share this machine's cores: no speed-up is possible) and the prefill
-logit difference against one device.
+greedy tokens and tokens/s on the emulated devices (which share this machine's cores: no
+speed-up is possible) and the prefill logit difference against one device.
 
-    python -m experiments.sharding_collectives [--run] [--out experiments/results/sharding_collectives.json]
+    python -m experiments.sharding_collectives [--run] [--meshes 1x1,2x1,1x3,2x3]
+        [--out experiments/results/sharding_collectives.json]
 
 XLA's host device count is set here (6 devices) before jax is imported.
 """
@@ -231,7 +231,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="experiments/results/sharding_collectives.json")
     ap.add_argument("--run", action="store_true", help="also run the real model per mesh")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument(
+        "--meshes", default="1x1,2x1,1x3,2x3", help="comma-separated DATAxMODEL shapes (6 devices)"
+    )
     args = ap.parse_args(argv)
+    meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes.split(",")]
 
     from qspec_jax.bench.common import run_meta, write_json  # noqa: PLC0415
     from qspec_jax.config import preset  # noqa: PLC0415
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
 
     cfg, qcfg = preset("smollm2-135m"), GGUF_INT4_QUANT
     result: dict = {"meta": run_meta(), "config": cfg.name, "batch": args.batch, "meshes": {}}
-    for data, model in MESHES:
+    for data, model in meshes:
         mesh = make_mesh(data * model, model)
         name = f"data{data}_model{model}"
         row = {"decode_token": decode_token_collectives(cfg, qcfg, mesh, args.batch)}
@@ -250,6 +254,7 @@ def main(argv=None) -> int:
             row[f"program_{mode}"] = p
         result["meshes"][name] = row
         print(name, row["decode_token"], flush=True)
+        write_json(args.out, result)  # after every mesh: a cut run keeps what it measured
     if args.run:
         result["run"] = run_tokens(((1, 1), (2, 3)))
     write_json(args.out, result)
