@@ -16,7 +16,7 @@ and its int8 Q8_0 head copy), built as abstract arrays: nothing is loaded or run
 greedy tokens and tokens/s on the emulated devices (which share this machine's cores: no
 speed-up is possible) and the prefill logit difference against one device.
 
-    python -m experiments.sharding_collectives [--run] [--meshes 1x1,2x1,1x3,2x3]
+    python -m experiments.sharding_collectives [--run] [--logits] [--meshes 1x1,2x1,1x3,2x3]
         [--out experiments/results/sharding_collectives.json]
 
 XLA's host device count is set here (6 devices) before jax is imported.
@@ -226,16 +226,57 @@ def run_tokens(mesh_shapes, n_tokens: int = 24) -> dict:
     return out
 
 
+def logits_difference(data: int = 2, model: int = 3) -> dict:
+    """Real SmolLM2-135M (GGUF int4): w4a16 prefill logits on data x model against one device."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    import qspec_jax  # noqa: PLC0415
+    from qspec_jax.cache import KVCache  # noqa: PLC0415
+    from qspec_jax.model.llama import forward  # noqa: PLC0415
+    from qspec_jax.model.params import stack_layers  # noqa: PLC0415
+    from qspec_jax.sharding import make_mesh, shard_batch, shard_cache, shard_params  # noqa: PLC0415
+
+    mesh = make_mesh(data * model, model)
+    eng = qspec_jax.load("smollm2-135m", quant="gguf")
+    cfg, qcfg = eng.config, eng.qconfig
+    params = stack_layers(eng.params)
+    prompts = ["def fibonacci(n):", "The capital of France is"]
+    ids = np.asarray([eng.encode([p])[0][:8] for p in prompts], np.int32)  # [2, 8]
+    fn = jax.jit(lambda p, i, c: forward(p, i, c, cfg, qcfg, "w4a16")[0])
+    ref = np.asarray(fn(params, jnp.asarray(ids), KVCache.init(cfg, 2, 16)))  # [2, 8, V]
+    got = np.asarray(
+        fn(
+            shard_params(params, mesh, cfg),
+            shard_batch(ids, mesh),
+            shard_cache(KVCache.init(cfg, 2, 16), mesh),
+        )
+    )
+    d = np.abs(ref - got)
+    return {
+        "mesh": f"data{data}_model{model}",
+        "positions": int(ref.shape[0] * ref.shape[1]),
+        "max_abs_diff": float(d.max()),
+        "max_abs_logit": float(np.abs(ref).max()),
+        "bit_identical_fraction": float((d == 0).mean()),
+        "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results/sharding_collectives.json")
     ap.add_argument("--run", action="store_true", help="also run the real model per mesh")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument(
+        "--logits", action="store_true", help="also compare real prefill logits (data 2 x model 3)"
+    )
+    ap.add_argument(
         "--meshes", default="1x1,2x1,1x3,2x3", help="comma-separated DATAxMODEL shapes (6 devices)"
     )
     args = ap.parse_args(argv)
-    meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes.split(",")]
+    meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes.split(",") if m]
 
     from qspec_jax.bench.common import run_meta, write_json  # noqa: PLC0415
     from qspec_jax.config import preset  # noqa: PLC0415
@@ -255,6 +296,9 @@ def main(argv=None) -> int:
         result["meshes"][name] = row
         print(name, row["decode_token"], flush=True)
         write_json(args.out, result)  # after every mesh: a cut run keeps what it measured
+    if args.logits:
+        result["logits_vs_one_device"] = logits_difference()
+        print(result["logits_vs_one_device"], flush=True)
     if args.run:
         result["run"] = run_tokens(((1, 1), (2, 3)))
     write_json(args.out, result)
