@@ -204,7 +204,9 @@ def main(argv=None) -> int:
             ids, code = build_prompt(engine.tokenizer, ctx)
 
             def dconf(eng, mode, g, verify):
-                opts = dict(gamma=g or 1, verify=verify)
+                opts = dict(gamma=g or 1)
+                if g is not None:  # speculative rows: their verifier's precision
+                    opts["verify"] = verify
                 if mode == "qspec":
                     opts["draft"] = args.draft
                 m = eng.method(mode, **opts)
