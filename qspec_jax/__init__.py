@@ -7,13 +7,22 @@ W4A16 verifier; greedy output equals W4A16 greedy output exactly.
     result = engine.generate(["Hello"], method=qspec_jax.QSpec(gamma=3))
     result = engine.generate(["Hello"], mode="qspec", gamma=3)      # the same, as a shorthand
 
-Decoding methods (`qspec_jax.decoding.methods`): `AR`, `QSpec`, `QuantSpec`, `HSpec`. The
+Decoding methods (`qspec_jax.decoding.methods`): `AR`, `QSpec`, `QuantSpec`, `HSpec`,
+`DraftModelSpec`. The
 functional API (`qspec_jax.generate`, `prefill`, `step`) runs inside your own `jax.jit`.
 """
 
 from qspec_jax.config import PRESETS, LlamaConfig, QuantConfig
 from qspec_jax.decoding import FINISH_NAMES, DecodeConfig, DecodeState, SamplingConfig
-from qspec_jax.decoding.methods import AR, REGISTRY, DecodingMethod, HSpec, QSpec, QuantSpec
+from qspec_jax.decoding.methods import (
+    AR,
+    REGISTRY,
+    DecodingMethod,
+    DraftModelSpec,
+    HSpec,
+    QSpec,
+    QuantSpec,
+)
 from qspec_jax.engine import Engine, GenerationResult, UsageError, load
 from qspec_jax.functional import decode_config, generate, init_cache, prefill, step
 
@@ -25,6 +34,7 @@ __all__ = [
     "DecodeConfig",
     "DecodeState",
     "DecodingMethod",
+    "DraftModelSpec",
     "Engine",
     "GenerationResult",
     "HSpec",

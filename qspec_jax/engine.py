@@ -39,9 +39,11 @@ from qspec_jax.model.llama import forward
 from qspec_jax.model.params import (
     Params,
     TwoWeights,
+    WithDraftModel,
     attach_q8_head,
     init_params,
     map_weight_sets,
+    truncate_layers,
     unstack_layers,
     weight_bytes,
     weight_kinds,
@@ -387,13 +389,13 @@ class Engine:
 
     @property
     def weight_bytes_by_set(self) -> dict[str, int]:
-        """{"target": float bytes, "draft": int4 bytes} with two weight sets, else {"weights"}."""
-        if isinstance(self.params, TwoWeights):
-            return {
-                "target": weight_bytes(self.params.target),
-                "draft": weight_bytes(self.params.draft),
-            }
-        return {"weights": weight_bytes(self.params)}
+        """{"target": float bytes, "draft": int4 bytes} with two weight sets, else {"weights"};
+        with a draft model also "draft_model": the bytes of its arrays the target does not
+        share (0 for a truncated self-draft with per-layer arrays)."""
+        if isinstance(self.params, WithDraftModel):  # the draft model: bytes it does not share
+            own = weight_bytes(self.params) - weight_bytes(self.params.target)
+            return {**_bytes_by_set(self.params.target), "draft_model": own}
+        return _bytes_by_set(self.params)
 
     def check_mode(self, mode: str) -> None:
         """UsageError (one sentence) unless these weights serve the mode shorthand."""
@@ -767,6 +769,7 @@ class Engine:
             step_tokens=dc.tokens_per_step,
             attention_impl=dispatch.cache_attention_impl(self.impl),
         )
+        cache = m.wrap_cache(cache, self.params)  # e.g. beside a draft model's own cache
         if self.mesh is not None:
             from qspec_jax.sharding import shard_cache  # noqa: PLC0415
 
@@ -923,6 +926,7 @@ class Engine:
             # the kernel registry's choice for the cache's attention (`pallas_kernels.registry`)
             attention_impl=dispatch.cache_attention_impl(self.impl),
         )
+        cache = m.wrap_cache(cache, self.params)  # e.g. beside a draft model's own cache
         toks, lens, lim, sid = map(jnp.asarray, (toks, lens, lim, sid))
         if self.mesh is not None:
             from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415
@@ -1098,6 +1102,7 @@ def load(
     compile_cache: bool = True,
     quant_cache: bool = True,
     draft_quant: str | None = None,
+    draft_model=None,
     **quant_options,
 ) -> Engine:
     """Loads a model and returns an Engine.
@@ -1130,8 +1135,24 @@ def load(
             published (`QuantSpec(verify="fp")` drafts in W4A16 over int4 KV and verifies in
             float over int8 KV) and `QSpec(verify="fp", draft=...)`. Every mode is then
             available; `Engine.weight_bytes_by_set` reports both memories.
+        draft_model: a separate draft model with the target's tokenizer, for
+            `DraftModelSpec` (mode "draftmodel"): "self:k" (the target's first k layers, their
+            arrays shared, not copied), anything `load` accepts as `model` (loaded with float
+            weights in the target's dtype), a loaded `Engine`, or an in-memory
+            `(params, LlamaConfig)` pair. Its vocabulary size must equal the target's.
         **quant_options: passed to `qspec_jax.quant.quantize_model`.
     """
+    if draft_model is not None:
+        if mesh is not None:
+            raise NotImplementedError(
+                "draft_model is not sharded yet: load it without a mesh (--devices)"
+            )
+        eng = load(
+            model, quant=quant, group_size=group_size, dtype=dtype, seed=seed,
+            progress=progress, compile_cache=compile_cache, quant_cache=quant_cache,
+            draft_quant=draft_quant, **quant_options,
+        )  # fmt: skip
+        return _attach_draft_model(eng, draft_model, progress=progress, quant_cache=quant_cache)
     if draft_quant is not None:
         return _load_two_weight_sets(
             model, quant, draft_quant, group_size=group_size, dtype=dtype, seed=seed,
@@ -1276,6 +1297,71 @@ def _load_two_weight_sets(model, quant, draft_quant, *, mesh, **kw) -> Engine:
         target=target.load_info,
         draft=draft.load_info,
         load_s=time.perf_counter() - t0,
+        weight_bytes=eng.weight_bytes_by_set,
+    )
+    return eng
+
+
+def _bytes_by_set(params) -> dict[str, int]:
+    if isinstance(params, TwoWeights):
+        return {"target": weight_bytes(params.target), "draft": weight_bytes(params.draft)}
+    return {"weights": weight_bytes(params)}
+
+
+def _attach_draft_model(eng: Engine, draft_model, *, progress: bool, quant_cache: bool) -> Engine:
+    """`eng` holding its weights beside a draft model (`WithDraftModel`; see `load`)."""
+    t0 = time.perf_counter()
+    target = eng.params
+    if isinstance(draft_model, str) and draft_model.startswith("self:"):
+        k = draft_model[5:]
+        n = eng.config.num_layers
+        if not k.isdigit() or not 1 <= int(k) <= n:
+            raise UsageError(
+                f"draft_model {draft_model!r}: give the number of the target's first layers "
+                f"the draft keeps, 1..{n}, e.g. 'self:{max(n // 4, 1)}'"
+            )
+        # TwoWeights: the int4 copy is the one meant for drafting
+        base = target.draft if isinstance(target, TwoWeights) else target
+        dparams = truncate_layers(base, int(k))  # per-layer arrays: shared, not copied
+        dcfg, dq, name = eng.config.replace(num_layers=int(k)), eng.qconfig, draft_model
+    else:
+        if isinstance(draft_model, Engine):
+            d, name = draft_model, draft_model.source or "the draft engine"
+        elif isinstance(draft_model, tuple) and len(draft_model) == 2:
+            params, cfg = draft_model
+            if not isinstance(cfg, LlamaConfig):
+                raise UsageError(
+                    "draft_model=(params, cfg) needs a LlamaConfig as its second item, "
+                    f"got {type(cfg).__name__}"
+                )
+            d = Engine(cfg, params, QuantConfig(), compile_cache=False)  # layers prepared
+            name = "the in-memory draft model"
+        elif isinstance(draft_model, str):
+            d = load(
+                draft_model, dtype=eng.config.dtype, progress=progress, quant_cache=quant_cache
+            )
+            name = draft_model
+        else:
+            raise UsageError(
+                "draft_model must be 'self:k', a model name or path, a loaded Engine or a "
+                f"(params, LlamaConfig) pair, got {type(draft_model).__name__}"
+            )
+        if isinstance(d.params, (TwoWeights, WithDraftModel)):
+            raise UsageError(f"draft model {name} must hold one weight set, not several")
+        dparams, dcfg, dq = d.params, d.config, d.qconfig
+    if dcfg.vocab_size != eng.config.vocab_size:
+        raise UsageError(
+            f"draft model {name} has a vocabulary of {dcfg.vocab_size} tokens but the target "
+            f"{eng.source or 'model'} has {eng.config.vocab_size}: a draft model must use the "
+            "target's tokenizer"
+        )
+    eng.params = WithDraftModel(target=target, draft=dparams, draft_cfg=dcfg, draft_qcfg=dq)
+    eng.weight_kinds = weight_kinds(eng.params)
+    eng.load_info = dict(
+        eng.load_info,
+        draft_model=dict(
+            source=str(name), num_layers=dcfg.num_layers, load_s=time.perf_counter() - t0
+        ),
         weight_bytes=eng.weight_bytes_by_set,
     )
     return eng

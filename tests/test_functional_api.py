@@ -60,7 +60,9 @@ def test_method_objects_and_mode_strings_are_one_thing(engine):
 
 
 def test_registry_names_every_mode_once():
-    assert mode_names() == ("fp", "w4a16", "w4a4", "w4a8", "qspec", "quantspec", "hspec")
+    assert mode_names() == (
+        "fp", "w4a16", "w4a4", "w4a8", "qspec", "quantspec", "hspec", "draftmodel"
+    )  # fmt: skip
     assert from_mode("w4a8") == AR("w4a8") and from_mode("hspec") == HSpec()
     assert from_mode("quantspec", gamma=5) == QuantSpec(gamma=5)
     table = mode_table_markdown()

@@ -102,6 +102,8 @@ def prefill(
             impl=dispatch.prefill_impl(dc.impl),
         )  # [batch, V]
         cache = cache.finish_prefill(scratch, prompt_lens)
+        # a method's own state beside the cache (a draft model's cache) prefills here
+        cache = dc.method.after_prefill(cache, params, prompt_tokens, prompt_lens, cfg, qcfg, dc)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, dc.sampling)  # [batch]
     state = initial_state(cache, first, key, dc, max_new_tokens, stop_ids)

@@ -18,7 +18,7 @@ from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.config import LlamaConfig, QuantConfig
 from qspec_jax.model.attention import attention  # noqa: F401  (re-exported)
 from qspec_jax.model.linear import linear, online_hadamard
-from qspec_jax.model.params import LayerParams, Params, TwoWeights, float_head
+from qspec_jax.model.params import LayerParams, Params, TwoWeights, WithDraftModel, float_head
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -160,7 +160,8 @@ def forward(
     `qspec_jax.cache.advance` / `rollback` / `set_lengths`.
 
     Args:
-        params: model weights (a `TwoWeights` picks its set from `precision`).
+        params: model weights (a `TwoWeights` picks its set from `precision`; a
+            `WithDraftModel` runs its target).
         tokens: int32 [batch, t].
         cache: the shared KV cache (any format of `qspec_jax.cache.protocol`).
         cfg, qcfg: static model and quantization configs.
@@ -180,7 +181,7 @@ def forward(
     Returns:
         (logits float32 [batch, t, V] or [batch, V], cache with the new K/V written).
     """
-    if isinstance(params, TwoWeights):  # a float target with an int4 draft copy
+    if isinstance(params, (TwoWeights, WithDraftModel)):  # a target beside draft weights
         params = params.for_precision(precision)
     kw = dict(
         logits_index=logits_index,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from qspec_jax.config import LlamaConfig
+from qspec_jax.config import LlamaConfig, QuantConfig
 from qspec_jax.quant.format import Q8Head, QuantizedWeight, Weight, q8_head_from_float
 
 
@@ -182,15 +182,74 @@ class TwoWeights:
         return self.target if precision == "fp" else self.draft
 
 
+def truncate_layers(params: Params, k: int) -> Params:
+    """The model's first `k` decoder blocks with its own embedding, final norm and head.
+
+    A self-draft (`load(..., draft_model="self:k")`): the early-exit model shares the target's
+    arrays. With per-layer arrays (`unstack_layers`, the CPU default) every array is shared,
+    none copied; with stacked layers the first k slices of each layer array are a copy.
+    """
+    n = len(params.layers) if isinstance(params.layers, tuple) else None
+    if n is None:
+        n = jax.tree_util.tree_leaves(params.layers)[0].shape[0]
+    if not (isinstance(k, int) and 1 <= k <= n):
+        raise ValueError(f"a truncated draft keeps 1..{n} layers of this model, not {k!r}")
+    if isinstance(params.layers, tuple):
+        return params.replace(layers=params.layers[:k])
+    return params.replace(layers=jax.tree_util.tree_map(lambda a: a[:k], params.layers))
+
+
+@struct.dataclass
+class WithDraftModel:
+    """A target's weights beside a separate draft model with the same vocabulary.
+
+    The draft is a smaller model or the target's first layers (`truncate_layers`); its config
+    and quantization config are static (part of the pytree's structure). `forward` given this
+    container runs the target; the draft-model decoding method
+    (`qspec_jax.decoding.methods.draftmodel`) runs `draft` with `draft_cfg` over its own cache.
+
+    Attributes:
+        target: the target's weights (`Params` or `TwoWeights`).
+        draft: the draft model's weights (float or int4 `Params`).
+        draft_cfg: the draft model's `LlamaConfig` (static).
+        draft_qcfg: the draft model's `QuantConfig` (static).
+    """
+
+    target: Params | TwoWeights
+    draft: Params
+    draft_cfg: LlamaConfig = struct.field(pytree_node=False)
+    draft_qcfg: QuantConfig = struct.field(pytree_node=False)
+
+    def for_precision(self, precision: str) -> Params:
+        t = self.target
+        return t.for_precision(precision) if isinstance(t, TwoWeights) else t
+
+    @property
+    def draft_precision(self) -> str:
+        """The precision the draft model runs in: "w4a16" for int4 weights, else "fp"."""
+        return "w4a16" if is_quantized(self.draft) else "fp"
+
+
 def weight_kinds(params) -> frozenset[str]:
-    """The weight kinds the parameters hold: {"float"}, {"int4"} or both (`TwoWeights`)."""
+    """The weight kinds the parameters hold: {"float"}, {"int4"} or both (`TwoWeights`).
+
+    A `WithDraftModel` adds "draft_model" to its target's kinds.
+    """
+    if isinstance(params, WithDraftModel):
+        return weight_kinds(params.target) | {"draft_model"}
     if isinstance(params, TwoWeights):
         return frozenset({"float", "int4"})
     return frozenset({"int4"}) if is_quantized(params) else frozenset({"float"})
 
 
 def map_weight_sets(fn, params):
-    """Applies `fn` to each weight set (both of a `TwoWeights`, else the one)."""
+    """Applies `fn` to each weight set (both of a `TwoWeights`, else the one).
+
+    A `WithDraftModel` maps its target's sets and its draft (arrays they shared before are
+    shared after only when `fn` returns them unchanged).
+    """
+    if isinstance(params, WithDraftModel):
+        return params.replace(target=map_weight_sets(fn, params.target), draft=fn(params.draft))
     if isinstance(params, TwoWeights):
         return TwoWeights(target=fn(params.target), draft=fn(params.draft))
     return fn(params)

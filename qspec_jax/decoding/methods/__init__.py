@@ -19,6 +19,7 @@ from typing import Any
 
 from qspec_jax.decoding.methods.ar import AR
 from qspec_jax.decoding.methods.base import DecodingMethod, MethodError
+from qspec_jax.decoding.methods.draftmodel import DraftModelSpec
 from qspec_jax.decoding.methods.hspec import HSpec
 from qspec_jax.decoding.methods.qspec import MAX_GAMMA, QSpec, SequenceSpec
 from qspec_jax.decoding.methods.quantspec import QuantSpec
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[DecodingMethod]] = {
     QSpec.name: QSpec,
     QuantSpec.name: QuantSpec,
     HSpec.name: HSpec,
+    DraftModelSpec.name: DraftModelSpec,
 }
 
 # Options a mode shorthand accepts and ignores where they do not apply, so that one call site
@@ -44,7 +46,8 @@ def _mode_table() -> dict[str, tuple[type[DecodingMethod], dict[str, Any]]]:
 
 
 def mode_names() -> tuple[str, ...]:
-    """Every mode shorthand, in registry order: fp, w4a16, w4a4, w4a8, qspec, quantspec, hspec."""
+    """Every mode shorthand, in registry order: fp, w4a16, w4a4, w4a8, qspec, quantspec, hspec,
+    draftmodel."""
     return tuple(_mode_table())
 
 
@@ -128,6 +131,7 @@ __all__ = [
     "MAX_GAMMA",
     "REGISTRY",
     "DecodingMethod",
+    "DraftModelSpec",
     "HSpec",
     "MethodError",
     "QSpec",

@@ -78,6 +78,24 @@ class DecodingMethod(abc.ABC):
         del batch
         return ()
 
+    def wrap_cache(self, cache, params):
+        """The cache a request runs on, from the engine's empty one (default: itself).
+
+        A method that keeps state beside the target's cache (a draft model's own cache,
+        `qspec_jax.cache.with_draft`) wraps it here; the engine calls this once per request.
+        """
+        del params
+        return cache
+
+    def after_prefill(self, cache, params, prompt_tokens, prompt_lens, cfg, qcfg, dc):
+        """The cache after the target's prefill of prompts [batch, T] (default: itself).
+
+        Called by `qspec_jax.decoding.loop.prefill` inside the jitted program; a draft model
+        prefills its own cache here.
+        """
+        del params, prompt_tokens, prompt_lens, cfg, qcfg, dc
+        return cache
+
     @abc.abstractmethod
     def step(self, state, params, cfg, qcfg, dc):
         """One step: returns the next `DecodeState` (ending in `state.commit`).

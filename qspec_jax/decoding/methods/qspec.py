@@ -62,12 +62,18 @@ class SpecCarry:
         )
 
 
-def draft_sequence(state, params, cfg, qcfg, dc, gamma: int, precision: str, n_draft):
+def draft_sequence(
+    state, params, cfg, qcfg, dc, gamma: int, precision: str, n_draft, prev_token=None
+):
     """Drafts up to gamma tokens autoregressively in `precision`, writing their K/V.
 
-    Every draft reads the cache's "draft" view. Returns (cache with the lengths unchanged,
-    drafts int32 [batch, gamma + 1] with drafts[:, 0] = last_token, q_probs float32
-    [batch, gamma, V] (None when greedy), key).
+    Every draft reads the cache's "draft" view. With `prev_token` (int32 [batch], the committed
+    token at position lengths[b] - 1), the first forward runs [prev_token, last_token] and so
+    also (re)writes the K/V of position lengths[b] - 1: a separate draft model's cache misses
+    it after a step that accepted every draft (`qspec_jax.cache.with_draft`).
+
+    Returns (cache with the lengths unchanged, drafts int32 [batch, gamma + 1] with
+    drafts[:, 0] = last_token, q_probs float32 [batch, gamma, V] (None when greedy), key).
     """
     b = state.last_token.shape[0]
     sc = dc.sampling
@@ -75,21 +81,8 @@ def draft_sequence(state, params, cfg, qcfg, dc, gamma: int, precision: str, n_d
     drafts = jnp.zeros((b, gamma + 1), jnp.int32).at[:, 0].set(state.last_token)
     q_probs = None if sc.greedy else jnp.zeros((b, gamma, cfg.vocab_size), jnp.float32)
 
-    def body(i, carry):
-        cache, drafts, q_probs, key = carry
-        tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
-        cache = cache.replace(lengths=base + i)
-        logits, cache = forward(
-            params,
-            tok,
-            cache,
-            cfg,
-            qcfg,
-            precision,
-            logits_index=jnp.zeros((b,), jnp.int32),
-            impl=dc.impl,
-            kv_view="draft",
-        )  # [batch, V]
+    def choose(i, logits, drafts, q_probs, key):
+        """Draft i + 1 from logits [batch, V] (argmax, or a draw from the filtered q)."""
         key, sub = jax.random.split(key)
         if sc.greedy:
             nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [batch]
@@ -98,12 +91,35 @@ def draft_sequence(state, params, cfg, qcfg, dc, gamma: int, precision: str, n_d
             nxt = sample_from_probs(q, sub)
             q_probs = jax.lax.dynamic_update_slice_in_dim(q_probs, q[:, None], i, axis=1)
         drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None], i + 1, axis=1)
-        return cache, drafts, q_probs, key
+        return drafts, q_probs, key
+
+    def run(tokens, cache, start):
+        """Logits [batch, V] of the last of tokens [batch, t] placed at start .. start+t-1."""
+        return forward(
+            params,
+            tokens,
+            cache.replace(lengths=start),
+            cfg,
+            qcfg,
+            precision,
+            logits_index=jnp.full((b,), tokens.shape[1] - 1, jnp.int32),
+            impl=dc.impl,
+            kv_view="draft",
+        )
+
+    def body(i, carry):
+        cache, drafts, q_probs, key = carry
+        tok = jax.lax.dynamic_slice_in_dim(drafts, i, 1, axis=1)  # [batch, 1]
+        logits, cache = run(tok, cache, base + i)  # [batch, V]
+        return (cache, *choose(i, logits, drafts, q_probs, key))
 
     with jax.named_scope("draft"):
-        cache, drafts, q_probs, key = jax.lax.fori_loop(
-            0, n_draft, body, (state.cache, drafts, q_probs, state.key)
-        )
+        carry, first = (state.cache, drafts, q_probs, state.key), 0
+        if prev_token is not None:
+            two = jnp.stack([prev_token, state.last_token], axis=1)  # [batch, 2]
+            logits, cache = run(two, state.cache, base - 1)  # [batch, V]
+            carry, first = (cache, *choose(0, logits, drafts, q_probs, state.key)), 1
+        cache, drafts, q_probs, key = jax.lax.fori_loop(first, n_draft, body, carry)
     return cache.replace(lengths=base), drafts, q_probs, key
 
 
@@ -173,9 +189,7 @@ class SequenceSpec(DecodingMethod):
         """One round: draft gamma (draft precision), verify gamma + 1 (verify precision)."""
         carry: SpecCarry = state.carry
         n_draft = carry.gamma_cur if self.adaptive_gamma else self.gamma
-        cache, drafts, q_probs, key = draft_sequence(
-            state, params, cfg, qcfg, dc, self.gamma, self.draft_precision, n_draft
-        )
+        cache, drafts, q_probs, key = self._draft(state, params, cfg, qcfg, dc, n_draft)
         with jax.named_scope("verify"):
             # Same positions as the drafts: the verifier's K/V overwrite the draft's.
             logits, cache = forward(
@@ -209,6 +223,12 @@ class SequenceSpec(DecodingMethod):
         )
         # emitted[:, j] was chosen from the verifier's logits[:, j]
         return commit(state.replace(key=key, carry=carry), emitted, n + 1, cache, dc, logits)
+
+    def _draft(self, state, params, cfg, qcfg, dc, n_draft):
+        """(cache, drafts, q_probs, key) of `draft_sequence` in the draft precision."""
+        return draft_sequence(
+            state, params, cfg, qcfg, dc, self.gamma, self.draft_precision, n_draft
+        )
 
     def stats(self, carry, rows, generated, verify_steps) -> dict[str, Any]:
         prop = int(carry.draft_proposed[:rows].sum())
