@@ -72,7 +72,9 @@ def main(argv=None) -> int:
 
     states = args.states.split(",")
     if "cold" not in states or not set(states) <= {"cold", "quant-warm", "warm"}:
-        return usage_error(f"--states must include cold, of cold, quant-warm, warm: {args.states}")
+        return usage_error(
+            f"--states must list cold, then optionally quant-warm and warm: got {args.states!r}"
+        )
     started = time.time()
     runs = {m: {k: [] for k in states} for m in args.modes.split(",")}
     for mode, by_state in runs.items():
