@@ -1,7 +1,8 @@
 """First-call latency: a fresh `qspec-jax generate` process, cold and warm caches.
 
 Runs the CLI as a new process (as a user would), with `QSPEC_JAX_CACHE_DIR` pointed at a
-temporary directory, in three states:
+temporary directory, for every mode (`--modes`, default all of them), in up to three states
+(`--states`, default cold and warm):
 
 * ``cold``: empty cache directory (the process quantizes, if its mode needs it, and compiles);
 * ``quant-warm``: the quantize-once checkpoint is there, the compilation cache is deleted first
@@ -9,10 +10,13 @@ temporary directory, in three states:
 * ``warm``: both caches are there from the previous runs (the process loads both).
 
 Per run: the process's wall time (start to exit, Python and JAX import included) and the
-generation's `stats["compile_s"]` and `compile_source` from `--json`. `--repeats` runs of the
-warm states (median reported); the cold state runs once per repeat in a new directory.
+generation's `stats["compile_s"]` and `compile_source` from `--json`. `--repeats` rounds per
+mode, each in a new directory (cold, then the warm states after it); medians reported.
 
-    python -m experiments.bench_first_call [--mode qspec] [--max-new-tokens 16] [--repeats 3]
+    python -m experiments.bench_first_call [--modes fp,qspec] [--states cold,warm] [--repeats 3]
+
+To compare two versions of the code, run it from each checkout's root: the CLI subprocesses
+import `qspec_jax` from the current directory.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ import time
 from qspec_jax.bench.common import describe, run_meta, usage_error, write_json
 
 
-def run_once(cache_dir: str, args) -> dict:
+def run_once(cache_dir: str, args, mode: str) -> dict:
     """One `qspec-jax generate` process; its wall seconds and the JSON stats it printed."""
     env = dict(os.environ, QSPEC_JAX_CACHE_DIR=cache_dir, HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable, "-m", "qspec_jax.cli", "generate", "--prompt", args.prompt,
-        "--mode", args.mode, "--max-new-tokens", str(args.max_new_tokens), "--json",
+        "--mode", mode, "--max-new-tokens", str(args.max_new_tokens), "--json",
     ]  # fmt: skip
     if args.quant:
         cmd += ["--quant", args.quant]
@@ -55,7 +59,8 @@ def run_once(cache_dir: str, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", default="qspec")
+    ap.add_argument("--modes", default="fp,w4a16,w4a4,w4a8,qspec,quantspec,hspec")
+    ap.add_argument("--states", default="cold,warm", help="of cold, quant-warm, warm")
     ap.add_argument("--quant", default=None, help="--quant for the CLI (default: the mode's)")
     ap.add_argument("--prompt", default="Write a haiku about the sea.")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -65,35 +70,49 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         return usage_error(f"--repeats must be at least 1, got {args.repeats}")
 
-    runs = {"cold": [], "quant-warm": [], "warm": []}
-    for r in range(args.repeats):
-        root = tempfile.mkdtemp(prefix="qspec-first-call-")
-        try:
-            runs["cold"].append(run_once(root, args))
-            shutil.rmtree(os.path.join(root, "jax-cache"), ignore_errors=True)
-            runs["quant-warm"].append(run_once(root, args))
-            runs["warm"].append(run_once(root, args))
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]['wall_s']:.1f}s" for k, v in runs.items()),
-              flush=True)  # fmt: skip
+    states = args.states.split(",")
+    if "cold" not in states or not set(states) <= {"cold", "quant-warm", "warm"}:
+        return usage_error(
+            f"--states must list cold, then optionally quant-warm and warm: got {args.states!r}"
+        )
+    started = time.time()
+    runs = {m: {k: [] for k in states} for m in args.modes.split(",")}
+    for mode, by_state in runs.items():
+        for r in range(args.repeats):
+            root = tempfile.mkdtemp(prefix="qspec-first-call-")
+            try:
+                by_state["cold"].append(run_once(root, args, mode))
+                if "quant-warm" in states:
+                    shutil.rmtree(os.path.join(root, "jax-cache"), ignore_errors=True)
+                    by_state["quant-warm"].append(run_once(root, args, mode))
+                if "warm" in states:
+                    by_state["warm"].append(run_once(root, args, mode))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            print(f"{mode} repeat {r + 1}: "
+                  + ", ".join(f"{k} {v[-1]['wall_s']:.1f}s" for k, v in by_state.items()),
+                  flush=True)  # fmt: skip
 
     summary = {
-        k: dict(
-            median_wall_s=statistics.median(x["wall_s"] for x in v),
-            median_compile_s=statistics.median(x["compile_s"] for x in v),
-            compile_source=sorted({x["compile_source"] for x in v}),
-        )
-        for k, v in runs.items()
+        m: {
+            k: dict(
+                median_wall_s=statistics.median(x["wall_s"] for x in v),
+                median_compile_s=statistics.median(x["compile_s"] for x in v),
+                compile_source=sorted({x["compile_source"] for x in v}),
+            )
+            for k, v in by_state.items()
+        }
+        for m, by_state in runs.items()
     }
-    meta = run_meta(settings=vars(args))
+    meta = run_meta(started, settings=vars(args), cwd=os.getcwd())
     write_json(args.out, dict(meta=meta, summary=summary, runs=runs))
     print(f"\n{describe(meta)}\n")
-    print("| caches | process wall s (median) | compile_s (median) | program from |")
-    print("|---|---:|---:|---|")
-    for k, v in summary.items():
-        print(f"| {k} | {v['median_wall_s']:.1f} | {v['median_compile_s']:.1f} | "
-              f"{', '.join(map(str, v['compile_source']))} |")  # fmt: skip
+    print("| mode | caches | process wall s (median) | compile_s (median) | program from |")
+    print("|---|---|---:|---:|---|")
+    for m, by_state in summary.items():
+        for k, v in by_state.items():
+            print(f"| {m} | {k} | {v['median_wall_s']:.1f} | {v['median_compile_s']:.1f} | "
+                  f"{', '.join(map(str, v['compile_source']))} |")  # fmt: skip
     return 0
 
 

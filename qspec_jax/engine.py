@@ -724,8 +724,9 @@ class Engine:
 
         A row whose sequence finished takes the next prompt in place (its prefill written into
         that row of the cache) instead of waiting for the slowest row of a static batch. The
-        rows run `chunk_steps` steps per device call; finished rows are collected and refilled
-        between calls. Every prompt's tokens equal its `generate([prompt], ...)` run alone at
+        rows run up to `chunk_steps` steps per device call, and while prompts wait a call
+        also ends as soon as a row finishes; finished rows are collected and refilled between
+        calls, each prompt prefilled alone in its own prompt-length bucket. Every prompt's tokens equal its `generate([prompt], ...)` run alone at
         temperature 0 (its prefill is the batch-1 prefill, and every decode kernel computes a
         row the same way whatever the other rows hold); when sampling, each prompt's draws
         differ from its run alone (the rows share one key stream) but follow the same
@@ -757,7 +758,7 @@ class Engine:
         dc = dc.replace(logprobs=int(logprobs))
         kv_cache = self._check_kv_cache(m, kv_cache, kv_residual)
         token_lists = self.encode(prompts, chat=chat)
-        _, t_bucket, capacity = self._plan(token_lists, dc)
+        _, _, capacity = self._plan(token_lists, dc)
         rows = batch_size
         s_width = _bucket(max(len(s) for s in stop_ids), 1) if any(stop_ids) else 0
         cache = make_cache(
@@ -793,7 +794,11 @@ class Engine:
             for r in range(rows):
                 if slot[r] is None and pending:
                     i = pending.popleft()
-                    toks = np.full((1, t_bucket), self.config.pad_token_id, np.int32)
+                    # the prompt's own bucket (as alone), not the longest prompt's: the
+                    # batch-1 prefill was ~40% of the run padded to the longest's
+                    # (experiments/profile_continuous.py); one program per bucket
+                    own = _bucket(len(token_lists[i]), 16)
+                    toks = np.full((1, own), self.config.pad_token_id, np.int32)
                     toks[0, : len(token_lists[i])] = token_lists[i]
                     sid = np.full((1, s_width), -1, np.int32)
                     sid[0, : len(stop_ids[i])] = stop_ids[i]
@@ -843,8 +848,13 @@ class Engine:
                 idx = jnp.asarray(cut, jnp.int32)
                 state = state.replace(done=state.done.at[idx].set(True))
             if any(s is not None for s in slot):
+                # while prompts wait, a chunk ends when a row finishes: it is refilled at once
                 state = loop.run_steps(
-                    state, self.params, jnp.asarray(chunk_steps, jnp.int32), **kw
+                    state,
+                    self.params,
+                    jnp.asarray(chunk_steps, jnp.int32),
+                    jnp.asarray(bool(pending)),
+                    **kw,
                 )
         if bar is not None:
             bar.close()
@@ -1127,8 +1137,10 @@ def load(
             "gguf": the first read of the file's int4 codes) of the same model file (path,
             size, mtime), method, group size, seed, dtype, options and loader / quantizer
             source code wrote under the user's cache home, and write one after
-            quantizing (``QSPEC_JAX_QUANT_CACHE=0`` also turns it off). A cached checkpoint
-            that fails validation is quantized again and replaced, never used.
+            quantizing (``QSPEC_JAX_QUANT_CACHE=0`` also turns it off). A GGUF file's float
+            weights (quant None) are cached the same way: dequantizing them is the slow part
+            of their load. A cached checkpoint that fails validation is quantized again and
+            replaced, never used.
             `Engine.load_info` says what happened.
         draft_quant: keep the float weights as the target AND a 4-bit copy quantized with this
             method ("gguf", "rtn", "gptq", "quarot-rtn", ...) for drafting: QuantSpec as
@@ -1175,7 +1187,10 @@ def load(
     # "gguf" is cached too: its weights need no quantizing, but reading them from the file
     # costs more than the checkpoint (gguf's reader parses every metadata field, the
     # tokenizer's 49k strings included; experiments/profile_first_call.py measures both).
-    if quant != "none" and quant_cache and disk_cache.quant_cache_enabled():
+    # A GGUF's float weights are cached the same way (dequantizing its codes on every load
+    # made the float mode's first call the slowest; experiments/bench_first_call.py).
+    cacheable = quant != "none" or _is_gguf_source(model)
+    if cacheable and quant_cache and disk_cache.quant_cache_enabled():
         entry = _quant_cache_entry(model, quant, group_size, dtype, seed, quant_options)
     info: dict[str, Any] = {"quant_cache": "off" if entry is None else "miss"}
     if entry is not None:
@@ -1448,6 +1463,13 @@ def _write_quant_cache(entry, cfg, params, qcfg, tok_source, info: dict) -> None
 
 # h1-loading: files any of which makes a Hugging Face directory carry a tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _is_gguf_source(model) -> bool:
+    """The embedded model or a .gguf file: float weights that cost a dequantization to load."""
+    return str(model) == EMBEDDED_MODEL or (
+        str(model).endswith(".gguf") and os.path.isfile(str(model))
+    )
 
 
 def _is_hf_dir(model) -> bool:

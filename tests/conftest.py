@@ -17,30 +17,24 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from qspec_jax.config import preset  # noqa: E402
+from qspec_jax.engine import MAP_BUDGET, memory_maps  # noqa: E402
 from qspec_jax.model.params import init_params  # noqa: E402
 
-# Every program XLA:CPU compiles keeps its machine code in its own small memory mappings
-# (measured: tests/test_decoding.py alone leaves 4679 mappings, 580 after jax.clear_caches()).
-# Linux refuses mappings past vm.max_map_count (65530 by default), and XLA:CPU's compiler then
-# crashes: a full run segfaulted in backend_compile_and_load after ~920 tests (CI, 2026-11-23;
-# reproduced with tests/test_*.py alone). So when this process's mappings pass MAP_BUDGET after a
-# test, the jit caches are dropped: later tests recompile what they need; programs an Engine
-# fixture holds (its AOT-compiled generate functions) stay.
-MAP_BUDGET = 30_000
-
-
-def _memory_maps() -> int:
-    try:
-        with open("/proc/self/maps", "rb") as fh:
-            return fh.read().count(b"\n")
-    except OSError:  # not Linux: no such limit to guard
-        return 0
+# Every program XLA:CPU compiles keeps its machine code in its own small memory mappings, and
+# Linux refuses mappings past vm.max_map_count (65530 by default), where XLA:CPU's compiler
+# crashes (a full run segfaulted in backend_compile_and_load after ~920 tests, CI 2026-11-23).
+# An Engine bounds the programs it holds itself (`Engine.max_programs`, `MAP_BUDGET`; tested in
+# tests/test_program_bound.py), but most test files jit the decoding loop and kernels directly,
+# outside any Engine, and JAX's own jit caches keep those programs without bound (measured
+# without this guard: docs/development.md#the-memory-mapping-limit). So when this process's
+# mappings pass the engine's MAP_BUDGET after a test, the jit caches are dropped: later tests
+# recompile what they need; programs an Engine fixture holds stay.
 
 
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
     yield
-    if _memory_maps() > MAP_BUDGET:
+    if memory_maps() > MAP_BUDGET:
         jax.clear_caches()
         gc.collect()
 

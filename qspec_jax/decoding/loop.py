@@ -213,18 +213,31 @@ def prefill_jit(
 
 @functools.partial(jax.jit, static_argnames=("cfg", "qcfg", "dc"), donate_argnames=("state",))
 def run_steps(
-    state: DecodeState, params: Params, max_steps: jnp.ndarray, *, cfg, qcfg, dc
+    state: DecodeState,
+    params: Params,
+    max_steps: jnp.ndarray,
+    until_a_row_ends: jnp.ndarray | None = None,
+    *,
+    cfg,
+    qcfg,
+    dc,
 ) -> DecodeState:
     """Steps until every sequence is done or `max_steps` (int32 [], traced) more steps ran.
 
     The chunk of a chunked generation (streaming): the state is carried from one call to the
     next, so running chunks until done gives exactly `generate`'s result, and one compiled
-    program serves every chunk length.
+    program serves every chunk length. With `until_a_row_ends` (bool [], traced) true, the
+    chunk also ends after the step in which a sequence running at its start finished
+    (continuous batching refills that row at once instead of idling it to the chunk's end).
     """
     until = state.steps + max_steps
+    running = ~state.done  # [batch]
 
     def more(s):
-        return cond(s) & (s.steps < until)
+        go = cond(s) & (s.steps < until)
+        if until_a_row_ends is not None:
+            go &= ~(until_a_row_ends & jnp.any(s.done & running))
+        return go
 
     return jax.lax.while_loop(more, lambda s: step(s, params, cfg, qcfg, dc), state)
 
