@@ -19,6 +19,14 @@
 //
 // The weights are the Q8_0 values exactly (fp16 scale * int8 code is exact in float32), so the
 // logits equal x @ W for the float head W up to float32 summation order.
+//
+// The same file holds the float head (QspecFloatHead): x float32 [M, D] times a float32 or
+// bfloat16 matrix w [D, V] (the LM head of a model without Q8_0 codes, e.g. in bfloat16), float32
+// out. XLA's dot is not row independent here (measured: bfloat16 [4, 128] x [128, 256] differs
+// from four [1, 128] calls by 4e-6; float32 [4, 576] x [576, 49152] by 1.2e-4), which flips greedy
+// near-ties between verification and autoregressive decoding. Per output: acc = x[0] * w[0] and
+// acc = fma(x[d], w[d], acc) for d = 1.. in order, in the output's own SIMD lane; bfloat16 weights
+// are converted in registers (exactly). Nothing depends on M or the thread.
 
 #include <immintrin.h>
 
@@ -124,7 +132,83 @@ ffi::Error Q8HeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// Float head: MB rows of x times columns [v0, v0 + 16) of w (ld = V), added nowhere: written.
+template <int MB, typename W>
+inline void FloatHeadBlock(const float* x, int64_t d, const W* w, int64_t ld, int64_t v0,
+                           float* out) {
+  __m256 a0[MB], a1[MB];
+  {
+    const __m256 w0 = qspec_cpu::Load8(w + v0), w1 = qspec_cpu::Load8(w + v0 + 8);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 xr = _mm256_broadcast_ss(x + r * d);
+      a0[r] = _mm256_mul_ps(xr, w0);
+      a1[r] = _mm256_mul_ps(xr, w1);
+    }
+  }
+  for (int64_t k = 1; k < d; ++k) {
+    const W* wk = w + k * ld + v0;
+    const __m256 w0 = qspec_cpu::Load8(wk), w1 = qspec_cpu::Load8(wk + 8);
+    for (int r = 0; r < MB; ++r) {
+      const __m256 xr = _mm256_broadcast_ss(x + r * d + k);
+      a0[r] = _mm256_fmadd_ps(xr, w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(xr, w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) {
+    _mm256_storeu_ps(out + r * ld + v0, a0[r]);
+    _mm256_storeu_ps(out + r * ld + v0 + 8, a1[r]);
+  }
+}
+
+template <typename W>
+void FloatHead(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m,
+               int64_t d, int64_t v) {
+  ParallelFor(pool, v / 16, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = 0; i < m; i += 4) {
+        const float* xi = x + i * d;
+        float* oi = out + i * v;
+        switch (std::min<int64_t>(4, m - i)) {
+          case 4:
+            FloatHeadBlock<4>(xi, d, w, v, b * 16, oi);
+            break;
+          case 3:
+            FloatHeadBlock<3>(xi, d, w, v, b * 16, oi);
+            break;
+          case 2:
+            FloatHeadBlock<2>(xi, d, w, v, b * 16, oi);
+            break;
+          default:
+            FloatHeadBlock<1>(xi, d, w, v, b * 16, oi);
+        }
+      }
+  });
+}
+
+ffi::Error FloatHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || wd[0] != xd[1] || xd[1] < 1 || wd[1] % 16)
+    return ffi::Error::InvalidArgument(
+        "float head cpu kernel: need x [M, D], w [D, V], V a multiple of 16");
+  const int64_t m = xd[0], d = xd[1], v = wd[1];
+  if (w.element_type() == ffi::DataType::F32)
+    FloatHead(pool, x.typed_data(), w.typed_data<float>(), out->typed_data(), m, d, v);
+  else if (w.element_type() == ffi::DataType::BF16)
+    FloatHead(pool, x.typed_data(), w.reinterpret_data<uint16_t>(), out->typed_data(), m, d, v);
+  else
+    return ffi::Error::InvalidArgument("float head cpu kernel: w must be float32 or bfloat16");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecFloatHead, FloatHeadImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D]
+                                  .Arg<ffi::AnyBuffer>()         // w [D, V] f32 / bf16
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [M, V]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecQ8Head, Q8HeadImpl,
                               ffi::Ffi::Bind()
