@@ -186,19 +186,8 @@ def forward(
         lp, layer = xs
         with jax.named_scope("block"):
             x, c = _block(
-                x,
-                lp,
-                layer,
-                c,
-                positions,
-                inv_freq,
-                cfg,
-                qcfg,
-                precision,
-                impl,
-                kv_view,
-                rope_positions,
-                attn_mask,
+                x, lp, layer, c, positions, inv_freq, cfg, qcfg, precision, impl, kv_view,
+                rope_positions, attn_mask,
             )
         return (x, c), None
 
