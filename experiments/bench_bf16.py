@@ -7,10 +7,11 @@ float32 and in bfloat16 (`load(..., dtype=...)`), W4A16 autoregressive decoding 
 compilation drop out; the dtypes alternate within each round and the median of --rounds rounds is
 reported. QSpec's tokens are checked against W4A16's in each dtype (they must be identical).
 
-Kernels alone (median of --kernel-reps jitted calls, both dtypes timed back to back): the W4A16
+Kernels alone (median of --kernel-reps jitted calls, the two dtypes alternating call by call): the W4A16
 matmul at SmolLM2's shapes (bfloat16 activations converted at the call boundary), the fused
 W4A8 quantize + matmul, float-cache attention over a 1024-token cache (bfloat16 cache read by the
-kernel), the float LM head kernel (float32 vs bfloat16 weights, 576 x 49152) and the Q8_0 head.
+kernel), the float LM head kernel (float32 vs bfloat16 weights, 576 x 49152) next to XLA's dot
+on the same head, and the Q8_0 head.
 
     python -m experiments.bench_bf16 [--rounds 3] [--reps 3] [--kernel-reps 50]
 
@@ -28,7 +29,6 @@ import time
 from qspec_jax.bench.common import (
     COMPARE_PROMPTS,
     describe,
-    median_time,
     run_meta,
     usage_error,
     write_json,
@@ -88,7 +88,7 @@ def bench_kernels(reps: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import cpu_kernels
+    from pallas_kernels import cpu_kernels, dispatch
     from pallas_kernels.int4 import pack_int4
 
     key = jax.random.key(0)
@@ -130,16 +130,28 @@ def bench_kernels(reps: int) -> list[dict]:
     x = jax.random.normal(key, (1, 576))
     cases.append(("float head M=1 576x49152", jax.jit(cpu_kernels.float_head_cpu),
                   lambda dt: (x.astype(dt), w.astype(dt)), ()))  # fmt: skip
+    cases.append(("XLA's dot (the head without the kernel) M=1 576x49152",
+                  jax.jit(dispatch.float_matmul_xla),
+                  lambda dt: (x.astype(dt), w.astype(dt)), ()))  # fmt: skip
     codes = jax.random.randint(key, (49152, 576), -127, 128).astype(jnp.int8)
     qs = jnp.full((49152, 576 // 32), 0.01, jnp.float32)
     cases.append(("q8_0 head M=1 49152x576", jax.jit(cpu_kernels.q8_matmul_cpu),
                   lambda dt: (x.astype(dt),), (codes, qs)))  # fmt: skip
     rows = []
     for name, fn, make, rest in cases:
-        us = {}
+        calls = {}
         for dt in (jnp.float32, jnp.bfloat16):
             args = (*make(dt), *rest)
-            us[jnp.dtype(dt).name] = 1e6 * median_time(fn, *args, reps=reps)
+            jax.block_until_ready(fn(*args))  # compile and warm up
+            calls[jnp.dtype(dt).name] = (fn, args)
+        # The two dtypes alternate call by call (the machine's load moves): median of each.
+        ts = {k: [] for k in calls}
+        for _ in range(reps):
+            for k, (f, args) in calls.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                ts[k].append(time.perf_counter() - t0)
+        us = {k: 1e6 * statistics.median(v) for k, v in ts.items()}
         row = dict(kernel=name, float32_us=us["float32"], bfloat16_us=us["bfloat16"],
                    bf16_vs_f32=us["float32"] / us["bfloat16"])  # fmt: skip
         rows.append(row)

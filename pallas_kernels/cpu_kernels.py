@@ -387,7 +387,7 @@ def float_head_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
       w: the head [D, V], float32 or bfloat16 (read as it is; bfloat16 converted in registers).
 
     Returns:
-      float32 [M, V]; every output by the same operation sequence whatever M (acc = x0 w0, then
+      float32 [M, V]; every output by the same operation sequence whatever M (acc = 0, then
       one FMA per d in order), unlike XLA's dot.
 
     Raises:

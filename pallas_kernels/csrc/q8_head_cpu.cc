@@ -24,8 +24,8 @@
 // bfloat16 matrix w [D, V] (the LM head of a model without Q8_0 codes, e.g. in bfloat16), float32
 // out. XLA's dot is not row independent here (measured: bfloat16 [4, 128] x [128, 256] differs
 // from four [1, 128] calls by 4e-6; float32 [4, 576] x [576, 49152] by 1.2e-4), which flips greedy
-// near-ties between verification and autoregressive decoding. Per output: acc = x[0] * w[0] and
-// acc = fma(x[d], w[d], acc) for d = 1.. in order, in the output's own SIMD lane; bfloat16 weights
+// near-ties between verification and autoregressive decoding. Per output: acc = 0 and
+// acc = fma(x[d], w[d], acc) for d = 0.. in order, in the output's own SIMD lane; bfloat16 weights
 // are converted in registers (exactly). Nothing depends on M or the thread.
 
 #include <immintrin.h>
@@ -132,57 +132,76 @@ ffi::Error Q8HeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// Float head: MB rows of x times columns [v0, v0 + 16) of w (ld = V), added nowhere: written.
+// Float head: rows [0, mb) of x times columns [c0, c0 + kHeadChunk) of w (ld = V), into out.
+// Memory order: d outer (each step reads kHeadChunk contiguous weights of row d, a stream the
+// prefetchers follow), the chunk's partial sums in out (L1). Per output element the operations
+// are out = 0, then out = fma(x[d], w[d], out) for d = 0.. in order, in the element's own lane:
+// the same whatever M, the row block or the thread.
+constexpr int64_t kHeadChunk = 128;
+
 template <int MB, typename W>
-inline void FloatHeadBlock(const float* x, int64_t d, const W* w, int64_t ld, int64_t v0,
+inline void FloatHeadChunk(const float* x, int64_t d, const W* w, int64_t ld, int64_t c0,
                            float* out) {
-  __m256 a0[MB], a1[MB];
-  {
-    const __m256 w0 = qspec_cpu::Load8(w + v0), w1 = qspec_cpu::Load8(w + v0 + 8);
-    for (int r = 0; r < MB; ++r) {
-      const __m256 xr = _mm256_broadcast_ss(x + r * d);
-      a0[r] = _mm256_mul_ps(xr, w0);
-      a1[r] = _mm256_mul_ps(xr, w1);
+  for (int r = 0; r < MB; ++r) std::fill(out + r * ld + c0, out + r * ld + c0 + kHeadChunk, 0.0f);
+  for (int64_t k = 0; k < d; ++k) {
+    const W* wk = w + k * ld + c0;
+    __m256 xr[MB];
+    for (int r = 0; r < MB; ++r) xr[r] = _mm256_broadcast_ss(x + r * d + k);
+    for (int64_t c = 0; c < kHeadChunk; c += 16) {
+      const __m256 w0 = qspec_cpu::Load8(wk + c), w1 = qspec_cpu::Load8(wk + c + 8);
+      for (int r = 0; r < MB; ++r) {
+        float* o = out + r * ld + c0 + c;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(xr[r], w0, _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(xr[r], w1, _mm256_loadu_ps(o + 8)));
+      }
     }
   }
-  for (int64_t k = 1; k < d; ++k) {
-    const W* wk = w + k * ld + v0;
-    const __m256 w0 = qspec_cpu::Load8(wk), w1 = qspec_cpu::Load8(wk + 8);
-    for (int r = 0; r < MB; ++r) {
-      const __m256 xr = _mm256_broadcast_ss(x + r * d + k);
-      a0[r] = _mm256_fmadd_ps(xr, w0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(xr, w1, a1[r]);
+}
+
+// Columns of a last partial chunk (V not a multiple of kHeadChunk): the same per-element
+// sequence, 16 columns at a time.
+template <typename W>
+inline void FloatHeadTail(const float* x, int64_t m, int64_t d, const W* w, int64_t ld,
+                          int64_t c0, int64_t c1, float* out) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = c0; c < c1; c += 16) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < d; ++k) {
+        const __m256 xv = _mm256_broadcast_ss(x + i * d + k);
+        a0 = _mm256_fmadd_ps(xv, qspec_cpu::Load8(w + k * ld + c), a0);
+        a1 = _mm256_fmadd_ps(xv, qspec_cpu::Load8(w + k * ld + c + 8), a1);
+      }
+      _mm256_storeu_ps(out + i * ld + c, a0);
+      _mm256_storeu_ps(out + i * ld + c + 8, a1);
     }
-  }
-  for (int r = 0; r < MB; ++r) {
-    _mm256_storeu_ps(out + r * ld + v0, a0[r]);
-    _mm256_storeu_ps(out + r * ld + v0 + 8, a1[r]);
-  }
 }
 
 template <typename W>
 void FloatHead(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m,
                int64_t d, int64_t v) {
-  ParallelFor(pool, v / 16, 16, [&](int64_t b0, int64_t b1) {
+  const int64_t chunks = v / kHeadChunk;
+  ParallelFor(pool, chunks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t i = 0; i < m; i += 4) {
         const float* xi = x + i * d;
         float* oi = out + i * v;
+        const int64_t c0 = b * kHeadChunk;
         switch (std::min<int64_t>(4, m - i)) {
           case 4:
-            FloatHeadBlock<4>(xi, d, w, v, b * 16, oi);
+            FloatHeadChunk<4>(xi, d, w, v, c0, oi);
             break;
           case 3:
-            FloatHeadBlock<3>(xi, d, w, v, b * 16, oi);
+            FloatHeadChunk<3>(xi, d, w, v, c0, oi);
             break;
           case 2:
-            FloatHeadBlock<2>(xi, d, w, v, b * 16, oi);
+            FloatHeadChunk<2>(xi, d, w, v, c0, oi);
             break;
           default:
-            FloatHeadBlock<1>(xi, d, w, v, b * 16, oi);
+            FloatHeadChunk<1>(xi, d, w, v, c0, oi);
         }
       }
   });
+  if (chunks * kHeadChunk < v) FloatHeadTail(x, m, d, w, v, chunks * kHeadChunk, v, out);
 }
 
 ffi::Error FloatHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
