@@ -138,6 +138,18 @@ def _hier_cpu_covers(call: Call) -> str | None:
     return None
 
 
+def _bf16_head_on_cpu_kernels(call: Call) -> str | None:
+    """The float head kernel under auto: bfloat16 heads only. There it is row independent and
+    several times faster than XLA's bfloat16 dot; in float32 it was measured slower than XLA's
+    dot (docs/kernels.md, "bfloat16"), so float32 keeps XLA's (impl "cpu" forces the kernel)."""
+    if _on_cpu_kernels(call):
+        return _on_cpu_kernels(call)
+    w = call.args[1]
+    if jnp.dtype(w.dtype) != jnp.bfloat16:
+        return f"a {w.dtype} head: XLA's dot (the kernel is auto-picked for bfloat16 heads)"
+    return None
+
+
 def _hier_q_index(call: Call) -> int:
     return 1 if call.op == "hier_cache_attention" else 0
 
@@ -511,7 +523,7 @@ def _register_ops() -> None:
     ))  # fmt: skip
     reg(Op(
         "float_matmul",
-        [Implementation("cpu", _cpu("float_head_cpu"), prefer=_on_cpu_kernels),
+        [Implementation("cpu", _cpu("float_head_cpu"), prefer=_bf16_head_on_cpu_kernels),
          Implementation("xla", float_matmul_xla)],
         # No Pallas kernel: any forced name without a kernel runs XLA's dot (as lm_head).
         forced_to_reference=frozenset(IMPLS),
@@ -811,9 +823,10 @@ def float_matmul_xla(x: jax.Array, w: jax.Array) -> jax.Array:
 def float_matmul(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
     """``x @ w`` for a float matrix w [D, V] (the float LM head), float32 out.
 
-    On a CPU backend with the kernels (auto or impl "cpu") this is `cpu_kernels.float_head_cpu`,
-    whose rows do not depend on the number of rows in the call (XLA's dot's do: a verification
-    block's logits could round differently from an autoregressive step's); elsewhere XLA's dot.
+    On a CPU backend with the kernels, for a bfloat16 head (auto) or whenever impl is "cpu",
+    this is `cpu_kernels.float_head_cpu`, whose rows do not depend on the number of rows in the
+    call (XLA's dot's do: a verification block's logits could round differently from an
+    autoregressive step's); elsewhere XLA's dot (a float32 head under auto: faster there).
 
     Args:
       x: float activations [..., D].

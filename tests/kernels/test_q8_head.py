@@ -179,22 +179,25 @@ def test_float_head_matches_reference_and_rows_are_independent(wdtype):
 
 @needs_kernels
 def test_float_lm_head_takes_the_kernel_in_bfloat16(tiny_params):
-    """A head off the Q8_0 grid (random init) runs the float head kernel on CPU, in float32 and
-    bfloat16; forced "xla" keeps XLA's dot; uncovered shapes fall back."""
+    """A head off the Q8_0 grid (random init) runs the float head kernel on CPU in bfloat16
+    (auto) and in float32 when impl is "cpu"; float32 under auto and forced "xla" keep XLA's dot;
+    uncovered shapes fall back."""
     p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tiny_params)
     d = tiny_params.embed.shape[1]
-    for params, dt in ((tiny_params, jnp.float32), (p16, jnp.bfloat16)):
+
+    def hlo(params, x, impl):
+        return jax.jit(lambda p, x: lm_head(p, x, impl)).lower(params, x).as_text()
+
+    for params, dt, auto_kernel in ((tiny_params, jnp.float32, False), (p16, jnp.bfloat16, True)):
         x = jax.random.normal(jax.random.key(8), (2, 3, d)).astype(dt)  # [batch, t, D]
-        assert "qspec_float_head" in jax.jit(lambda p, x: lm_head(p, x)).lower(params, x).as_text()
-        assert (
-            "qspec_float_head"
-            not in jax.jit(lambda p, x: lm_head(p, x, "xla")).lower(params, x).as_text()
-        )
-        out = np.asarray(lm_head(params, x))
+        assert ("qspec_float_head" in hlo(params, x, None)) == auto_kernel
+        assert "qspec_float_head" in hlo(params, x, "cpu")
+        assert "qspec_float_head" not in hlo(params, x, "xla")
+        out = np.asarray(lm_head(params, x, "cpu"))
         xla = np.asarray(lm_head(params, x, "xla"))
         assert out.dtype == np.float32
         np.testing.assert_allclose(out, xla, rtol=0, atol=1e-5 * float(np.abs(xla).max()))
     with pytest.raises(NotImplementedError, match="multiple of 16"):
         cpu_kernels.float_head_cpu(jnp.ones((1, 8)), jnp.ones((8, 20)))
-    out = dispatch.float_matmul(jnp.ones((1, 8)), jnp.ones((8, 20)))  # auto: XLA
-    np.testing.assert_array_equal(np.asarray(out), np.full((1, 20), 8.0, np.float32))
+    out = dispatch.float_matmul(jnp.ones((1, 8), jnp.bfloat16), jnp.ones((8, 20), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(out), np.full((1, 20), 8.0, np.float32))  # XLA
