@@ -20,9 +20,17 @@ Two entry points:
   itself, so XLA passes the cache buffers as they are instead of copying a layer slice into a
   custom-call operand every step.
 
-Covered: float32 queries and float32 buffers, head_dim a multiple of 32 up to 256, any GQA
-group, any t (decode, verification; prefill is not what it is for but is computed correctly).
-Anything else raises NotImplementedError, so dispatch's auto mode and the cache fall back to XLA.
+Covered: float32 or bfloat16 queries and float32 or bfloat16 buffers, head_dim a multiple of 32
+up to 256, any GQA group, any t (decode, verification; prefill is not what it is for but is
+computed correctly). Anything else raises NotImplementedError, so dispatch's auto mode and the
+cache fall back to XLA.
+
+bfloat16: the kernel computes in float32. bfloat16 queries are converted here (exactly) and
+the float32 output is rounded by the caller (`HierKVCache.attend` casts to q.dtype); a bfloat16
+ring buffer is read as it is and its rows converted exactly inside the kernel (a conversion here
+would copy every layer's buffer on each call). So the result is the float32 kernel's on the
+converted inputs. It differs from `hier_attention_reference` in bfloat16, which rounds the
+dequantized keys to bfloat16 before the dot: the kernel keeps them in float32 (more accurate).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from pallas_kernels import hier_attention as _hattn
 
 TARGET = "qspec_hier_attention"
 MAX_HEAD_DIM = 256
+FLOATS = (jnp.float32, jnp.bfloat16)  # query and buffer dtypes the kernel takes
 
 
 def _layer_view(x):
@@ -67,24 +76,26 @@ def hier_attention_cpu_stacked(
 
     Args:
       layer: int32 scalar (may be traced): which layer of the stacked arrays.
-      q: float32 queries [B, t, h, hd].
+      q: float32 or bfloat16 queries [B, t, h, hd] (computed in float32).
       q_positions: int32 [B, t] absolute positions of the query rows.
       k_hi, k_lo: uint8 [L, B, Q, kvh, hd/2] packed upper / lower (+8) key halves (k_lo may be
         None for view "draft": it is never read).
       k_scale, k_min: float32 [L, B, Q/G, kvh, hd] per-channel key group scales and minima.
       v_hi, v_lo: uint8 [L, B, Q, kvh, hd/2] value halves (v_lo may be None for "draft").
       v_scale, v_min: float32 [L, B, Q, kvh] per-token value scales and minima.
-      k_buf, v_buf: float32 [L, B, NB, kvh, hd] float ring buffer (position p at index p mod NB).
+      k_buf, v_buf: float32 or bfloat16 (both the same) [L, B, NB, kvh, hd] float ring buffer
+        (position p at index p mod NB).
       buf_start: int32 [B] first position held by the buffer (a multiple of R).
       residual: R (static).
       view: "target" (int8 codes) or "draft" (upper int4 halves) (static).
 
     Returns:
-      [B, t, h * hd] float32.
+      [B, t, h * hd] float32 (whatever q's dtype: the caller rounds it).
 
     Raises:
       NotImplementedError: the kernels are unavailable here, or shapes / dtypes it does not
-        cover (non-float32 queries or buffers, head_dim not a multiple of 32 or above 256).
+        cover (queries or buffers neither float32 nor bfloat16, head_dim not a multiple of 32 or
+        above 256).
       ValueError: inconsistent arrays (via `pallas_kernels.hier_attention`'s shape check).
     """
     if not cpu_kernels.available():
@@ -99,14 +110,15 @@ def hier_attention_cpu_stacked(
                     ("v_min", v_min), ("k_buf", k_buf), ("v_buf", v_buf)):  # fmt: skip
         if x.shape[0] != nl:
             raise ValueError(f"{name} has {x.shape[0]} layers, k_hi {nl}")
-    if q.dtype != jnp.float32:
+    if q.dtype not in FLOATS:
         raise NotImplementedError(
-            f"hier attention cpu kernel: float32 queries only, got {q.dtype} (the reference "
-            "rounds keys to the query dtype)"
+            f"hier attention cpu kernel: float32 or bfloat16 queries, got {q.dtype}"
         )
-    for name, x in (("k_buf", k_buf), ("v_buf", v_buf)):
-        if x.dtype != jnp.float32:
-            raise NotImplementedError(f"hier attention cpu kernel: {name} must be float32")
+    if k_buf.dtype not in FLOATS or v_buf.dtype != k_buf.dtype:
+        raise NotImplementedError(
+            f"hier attention cpu kernel: k_buf / v_buf must both be float32 or both bfloat16, got "
+            f"{k_buf.dtype} / {v_buf.dtype}"
+        )
     if s.hd % 32 or s.hd > MAX_HEAD_DIM:
         raise NotImplementedError(
             f"hier attention cpu kernel: head_dim {s.hd} must be a multiple of 32, <= 256"
@@ -114,7 +126,7 @@ def hier_attention_cpu_stacked(
     dummy = jnp.zeros((1,), jnp.uint8)
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((s.b, s.t, s.h * s.hd), jnp.float32))(
         jnp.asarray(layer, jnp.int32).reshape(()),
-        q,
+        q.astype(jnp.float32),
         q_positions.astype(jnp.int32),
         k_hi,
         k_lo if target else dummy,

@@ -11,8 +11,16 @@ next to the multiply, on the calling thread plus XLA's intra-op thread pool:
   int32 accumulation per block (``vpmaddubsw``), the reference's float epilogue per block;
 * `q8_matmul_cpu` (``csrc/q8_head_cpu.cc``): float32 x times an int8 matrix in GGUF's Q8_0
   layout, the LM head when the model's head lies on that grid (`Params.head_q8`);
+* `float_head_cpu` (same file): x times a float32 / bfloat16 matrix, the LM head otherwise;
 * `attention_cpu` (``csrc/attention_cpu.cc``): decode-time causal attention of a few queries
-  per sequence over the float32 KV cache, reading only the live keys.
+  per sequence over the float32 or bfloat16 KV cache, reading only the live keys.
+
+bfloat16: every kernel computes in float32. The attention kernels read a bfloat16 cache directly
+(converted in registers, exactly); bfloat16 activations, queries and outputs (a few KB per call)
+are converted at the call boundary by XLA (``astype``: exact upward, round-to-nearest-even
+downward, elementwise), so a bfloat16 call returns exactly the float32 kernel's result on the
+converted inputs, rounded once, and keeps its row independence. Measured not to cost speed
+(docs/kernels.md, "bfloat16").
 
 The same library also holds ``csrc/hier_attention_cpu.cc``, the attention over QuantSpec's
 hierarchical KV cache (Python entry points in `pallas_kernels.cpu_attention`).
@@ -56,9 +64,7 @@ SOURCES = tuple(
     os.path.join(CSRC, name)
     for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc", "hier_attention_cpu.cc")
 )
-HEADERS = tuple(
-    os.path.join(CSRC, name) for name in ("parallel.h", "simd.h", "w4ax_body.inc")
-)
+HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h", "simd.h", "w4ax_body.inc"))
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -74,6 +80,7 @@ TARGETS = {
     "qspec_w4ax_int4": "QspecW4AXInt4",
     "qspec_w4ax_f32_int4": "QspecW4AXF32Int4",
     "qspec_q8_head": "QspecQ8Head",
+    "qspec_float_head": "QspecFloatHead",
     "qspec_attention_f32": "QspecAttentionF32",
     "qspec_hier_attention": "QspecHierAttention",  # csrc/hier_attention_cpu.cc
 }
@@ -198,13 +205,13 @@ def w4a16_matmul_cpu(x: jax.Array, packed: jax.Array, scales: jax.Array, mins=No
     """``x @ dequant(W)`` on the CPU kernel (float32 FMA; dequantized in registers).
 
     Args:
-      x: float activations [M, K] (computed in float32).
+      x: float activations [M, K] (float32 or bfloat16; computed in float32).
       packed: uint8 packed int4 codes [K/2, N].
       scales: float scales [K/G, N].
       mins: float mins [K/G, N] (unsigned codes) or None (signed codes).
 
     Returns:
-      [M, N] array of x.dtype.
+      [M, N] array of x.dtype (the float32 result rounded once).
 
     Raises:
       NotImplementedError: shapes the kernel does not cover (N not a multiple of 8, ...), or
@@ -262,7 +269,12 @@ def w4ax_matmul_cpu(
         raise NotImplementedError(f"int4 cpu kernel: a_scales shape {a_scales.shape}")
     p, s, mn, has_mins = _weight_args(k, n, packed, scales, mins, W4AX_COLS)
     out = jax.ffi.ffi_call("qspec_w4ax_int4", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        a_codes, a_scales.astype(jnp.float32), p, s, mn, has_mins=has_mins,
+        a_codes,
+        a_scales.astype(jnp.float32),
+        p,
+        s,
+        mn,
+        has_mins=has_mins,
         isa=np.int64(W4AX_ISAS[isa]),
     )  # [M, N]
     return out.astype(out_dtype)
@@ -289,7 +301,7 @@ def quantize_w4ax_matmul_cpu(
     in the decode loop those small ops cost more than the matmul they feed (README, "Speed").
 
     Args:
-      x: float activations [M, K] (quantized from float32).
+      x: float activations [M, K] (float32 or bfloat16; quantized from float32).
       packed, scales, mins: the int4 weight as in `w4ax_matmul_cpu`.
       bits: 4 or 8.
       group_size: activation group size Ga (0 = per token); a multiple of 32 dividing K.
@@ -318,8 +330,15 @@ def quantize_w4ax_matmul_cpu(
     qmax = 2 ** (bits - 1) - 1
     p, s, mn, has_mins = _weight_args(k, n, packed, scales, mins, W4AX_COLS)
     out = jax.ffi.ffi_call("qspec_w4ax_f32_int4", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        x.astype(jnp.float32), p, s, mn, has_mins=has_mins, group_size=np.int64(group_size),
-        qmax=np.int64(qmax), ratio=np.float32(clip_ratio / qmax), isa=np.int64(W4AX_ISAS[isa]),
+        x.astype(jnp.float32),
+        p,
+        s,
+        mn,
+        has_mins=has_mins,
+        group_size=np.int64(group_size),
+        qmax=np.int64(qmax),
+        ratio=np.float32(clip_ratio / qmax),
+        isa=np.int64(W4AX_ISAS[isa]),
     )  # [M, N]
     return out.astype(out_dtype)
 
@@ -331,7 +350,7 @@ def q8_matmul_cpu(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Arra
     """``x @ (codes * scales).T`` for an int8 matrix in GGUF's Q8_0 layout (the LM head).
 
     Args:
-      x: float activations [M, D] (computed in float32).
+      x: float activations [M, D] (float32 or bfloat16; computed in float32).
       codes: int8 codes [V, D] (row v is output v's weights; the embedding's layout).
       scales: float32 scales [V, D / 32], one per 32 consecutive codes of a row.
 
@@ -357,28 +376,68 @@ def q8_matmul_cpu(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Arra
     )  # [M, V]
 
 
-def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:
-    """Causal grouped-query attention over a float32 cache layer (see csrc/attention_cpu.cc).
+FLOAT_HEAD_COLS = 16  # V must be a multiple
+
+
+def float_head_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for a float LM head w [D, V] (csrc/q8_head_cpu.cc, ``QspecFloatHead``).
 
     Args:
-      q: float32 queries [B, T, H, D].
-      k, v: float32 cache [B, S, KVH, D] (the new K/V already written); H a multiple of KVH.
+      x: activations [M, D], float32 or bfloat16 (computed in float32).
+      w: the head [D, V], float32 or bfloat16 (read as it is; bfloat16 converted in registers).
+
+    Returns:
+      float32 [M, V]; every output by the same operation sequence whatever M (acc = 0, then
+      one FMA per d in order), unlike XLA's dot.
+
+    Raises:
+      NotImplementedError: V not a multiple of 16, another dtype, or the kernels unavailable.
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    m, d = x.shape
+    floats = (jnp.float32, jnp.bfloat16)
+    if (
+        w.ndim != 2
+        or w.shape[0] != d
+        or w.shape[1] % FLOAT_HEAD_COLS
+        or x.dtype not in floats
+        or w.dtype not in floats
+    ):
+        raise NotImplementedError(
+            f"float head cpu kernel: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (float32 or "
+            f"bfloat16, V a multiple of {FLOAT_HEAD_COLS})"
+        )
+    return jax.ffi.ffi_call("qspec_float_head", jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32))(
+        x.astype(jnp.float32), w
+    )  # [M, V]
+
+
+def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:
+    """Causal grouped-query attention over a float cache layer (see csrc/attention_cpu.cc).
+
+    Args:
+      q: queries [B, T, H, D], float32 or bfloat16 (converted to float32 here, exactly).
+      k, v: cache [B, S, KVH, D] (the new K/V already written), both float32 or both bfloat16
+        (read as they are; a bfloat16 cache is converted in registers); H a multiple of KVH.
       q_positions: int32 [B, T]; query (b, t) sees keys 0..q_positions[b, t].
 
     Returns:
-      float32 [B, T, H * D]; each query row computed by the same operation sequence whatever
-      T and B are.
+      float32 [B, T, H * D] (the caller rounds it to its dtype); each query row computed by the
+      same operation sequence whatever T and B are, and for bfloat16 inputs exactly the float32
+      result on the converted values.
 
     Raises:
-      NotImplementedError: not float32, D not a multiple of 8, or the kernels are unavailable.
+      NotImplementedError: another dtype, D not a multiple of 8, or the kernels are unavailable.
     """
     if not available():
         raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
     b, t, h, d = q.shape
+    floats = (jnp.float32, jnp.bfloat16)
     if (
-        q.dtype != jnp.float32
-        or k.dtype != jnp.float32
-        or v.dtype != jnp.float32
+        q.dtype not in floats
+        or k.dtype not in floats
+        or v.dtype != k.dtype
         or d % 8
         or k.shape != v.shape
         or k.shape[0] != b
@@ -386,8 +445,9 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Arr
         or h % k.shape[2]
     ):
         raise NotImplementedError(
-            f"attention cpu kernel: q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, v {v.shape}"
+            f"attention cpu kernel: q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, v {v.shape} "
+            f"{v.dtype} (float32 or bfloat16, D a multiple of 8)"
         )
     return jax.ffi.ffi_call(
         "qspec_attention_f32", jax.ShapeDtypeStruct((b, t, h * d), jnp.float32)
-    )(q, k, v, q_positions.astype(jnp.int32))  # [B, T, H * D]
+    )(q.astype(jnp.float32), k, v, q_positions.astype(jnp.int32))  # [B, T, H * D]

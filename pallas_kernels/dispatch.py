@@ -102,11 +102,18 @@ def _never(call: Call) -> str | None:
     return "interpret mode is for tests: only a forced impl runs it"
 
 
+_CPU_FLOATS = (jnp.float32, jnp.bfloat16)  # what the CPU attention kernels take (float32 inside)
+
+
 def _decode_rows_one_device(call: Call) -> str | None:
-    """The float-cache attention kernel: decode-time calls on one device only."""
+    """The float-cache attention kernel: decode-time calls on one device only, float32 or
+    bfloat16 queries and cache."""
     if _on_cpu_kernels(call):
         return _on_cpu_kernels(call)
-    t = call.args[0].shape[1]
+    q, k = call.args[0], call.args[1]
+    if jnp.dtype(q.dtype) not in _CPU_FLOATS or jnp.dtype(k.dtype) not in _CPU_FLOATS:
+        return f"the CPU kernel takes float32 or bfloat16 ({q.dtype} queries, {k.dtype} cache)"
+    t = q.shape[1]
     if t > DECODE_QUERY_ROWS:
         return f"{t} query rows per sequence > DECODE_QUERY_ROWS ({DECODE_QUERY_ROWS}): XLA's GEMMs"
     if jax.device_count() > 1:
@@ -117,13 +124,29 @@ def _decode_rows_one_device(call: Call) -> str | None:
 
 
 def _hier_cpu_covers(call: Call) -> str | None:
-    """What the hierarchical-cache CPU kernel covers (float32 queries, head_dim % 32, <= 256)."""
+    """What the hierarchical-cache CPU kernel covers (float32 or bfloat16 queries, head_dim % 32,
+    <= 256; the buffers' dtype is checked by the kernel, which raises NotImplementedError)."""
     if _on_cpu_kernels(call):
         return _on_cpu_kernels(call)
     q = call.args[_hier_q_index(call)]
     hd = q.shape[-1]
-    if jnp.dtype(q.dtype) != jnp.float32 or hd % 32 or hd > 256:
-        return f"the CPU kernel takes float32 queries with head_dim % 32 == 0, <= 256 ({q.dtype}, {hd})"
+    if jnp.dtype(q.dtype) not in _CPU_FLOATS or hd % 32 or hd > 256:
+        return (
+            "the CPU kernel takes float32 or bfloat16 queries with head_dim % 32 == 0, <= 256 "
+            f"({q.dtype}, {hd})"
+        )
+    return None
+
+
+def _bf16_head_on_cpu_kernels(call: Call) -> str | None:
+    """The float head kernel under auto: bfloat16 heads only. There it is row independent and
+    several times faster than XLA's bfloat16 dot; in float32 it was measured slower than XLA's
+    dot (docs/kernels.md, "bfloat16"), so float32 keeps XLA's (impl "cpu" forces the kernel)."""
+    if _on_cpu_kernels(call):
+        return _on_cpu_kernels(call)
+    w = call.args[1]
+    if jnp.dtype(w.dtype) != jnp.bfloat16:
+        return f"a {w.dtype} head: XLA's dot (the kernel is auto-picked for bfloat16 heads)"
     return None
 
 
@@ -499,6 +522,14 @@ def _register_ops() -> None:
         doc="x @ (codes * scales).T, an int8 matrix in Q8_0 layout (no Pallas kernel)",
     ))  # fmt: skip
     reg(Op(
+        "float_matmul",
+        [Implementation("cpu", _cpu("float_head_cpu"), prefer=_bf16_head_on_cpu_kernels),
+         Implementation("xla", float_matmul_xla)],
+        # No Pallas kernel: any forced name without a kernel runs XLA's dot (as lm_head).
+        forced_to_reference=frozenset(IMPLS),
+        doc="x @ w for a float matrix (the float LM head), float32 out, rows independent on CPU",
+    ))  # fmt: skip
+    reg(Op(
         "lm_head",
         [Implementation("cpu", _lm_head_cpu, supports=_q8_codes_present, prefer=_on_cpu_kernels),
          Implementation("xla", _lm_head_xla)],
@@ -784,6 +815,32 @@ def q8_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, impl: Impl =
     return out.reshape(*lead, out.shape[-1])
 
 
+def float_matmul_xla(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Reference for `float_matmul`: XLA's dot with float32 accumulation."""
+    return jnp.einsum("md,dv->mv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def float_matmul(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
+    """``x @ w`` for a float matrix w [D, V] (the float LM head), float32 out.
+
+    On a CPU backend with the kernels, for a bfloat16 head (auto) or whenever impl is "cpu",
+    this is `cpu_kernels.float_head_cpu`, whose rows do not depend on the number of rows in the
+    call (XLA's dot's do: a verification block's logits could round differently from an
+    autoregressive step's); elsewhere XLA's dot (a float32 head under auto: faster there).
+
+    Args:
+      x: float activations [..., D].
+      w: float32 or bfloat16 [D, V].
+      impl: None (auto), "xla" or "cpu" (no Pallas kernel: "pallas" raises NotImplementedError).
+
+    Returns:
+      float32 [..., V].
+    """
+    x2, lead = _rows(x)  # [M, D]
+    out = registry.run("float_matmul", x2, w, impl=impl)  # [M, V]
+    return out.reshape(*lead, out.shape[-1])
+
+
 def lm_head(
     x: jax.Array,
     codes: jax.Array | None,
@@ -858,7 +915,7 @@ def hier_attention(
       k_buf, v_buf: [B, NB, kvh, hd] float ring buffer; buf_start: int32 [B].
       residual: R; view: "target" (int8) or "draft" (upper int4 halves).
       impl: None (auto), "xla", "pallas", "pallas_interpret" or "cpu" (the AVX2 kernel of
-        `pallas_kernels.cpu_attention`; float32 queries, head_dim a multiple of 32).
+        `pallas_kernels.cpu_attention`; float32 or bfloat16, head_dim a multiple of 32).
 
     Returns:
       [B, t, h * hd] array of q.dtype.

@@ -1,8 +1,12 @@
 """bfloat16 end to end on the tiny preset: every speculative mode equals W4A16 greedy.
 
 The exactness guarantee does not depend on the dtype: the verifier's argmax decides every token
-and the draft only proposes. These tests run it with bfloat16 float weights, activations, KV
-cache (both formats) and LM head, at batch 1 and in a mixed (ragged) batch.
+and the draft only proposes, provided a verification row's logits equal the autoregressive row's
+bit for bit. On CPU that needs every decode-time op to be row independent in bfloat16 too: the
+int4 matmul, attention (both caches) and LM head CPU kernels (docs/kernels.md, "bfloat16"; before
+they took bfloat16, XLA's path made qspec, hspec and quantspec differ from W4A16 from the 2nd or
+10th token). These tests run it with bfloat16 float weights, activations, KV cache (both formats)
+and LM head, at batch 1 and in a mixed (ragged) batch.
 """
 
 from __future__ import annotations
@@ -13,16 +17,6 @@ import pytest
 import qspec_jax
 
 PROMPTS = [[30], [5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]]
-# Not yet true on CPU (2026-12-02): the CPU attention kernel, which runs every query row by the
-# same operations whatever the row count (what makes verification equal autoregressive decoding
-# bit for bit), refuses bfloat16, so attention falls back to XLA's dense path, whose bfloat16
-# results depend on the number of query rows. Measured: qspec (w4a8 and w4a4 drafts) and hspec
-# differ from W4A16 for the prompt [30] from the 2nd token, alone or in the batch; quantspec
-# differs from W4A16-on-hier for [20, 21, 22]; W4A16 itself is batch-invariant. Strict: the
-# test fails as soon as bfloat16 becomes exact, so the mark is removed then.
-NOT_EXACT_YET = pytest.mark.xfail(
-    strict=True, reason="CPU attention kernels refuse bfloat16; XLA's path is row-count dependent"
-)
 KW = dict(max_new_tokens=20, ignore_eos=True)
 
 
@@ -39,7 +33,6 @@ def test_bfloat16_everywhere(bf16_engine):
     assert eng.params.lm_head is None or eng.params.lm_head.dtype == jnp.bfloat16
 
 
-@NOT_EXACT_YET
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "mixed"])
 def test_greedy_speculative_modes_equal_w4a16_in_bfloat16(bf16_engine, prompts):
     eng = bf16_engine

@@ -2,7 +2,9 @@
 // XLA as an FFI handler (see pallas_kernels/cpu_kernels.py, which builds and registers it).
 //
 // Computes causal grouped-query attention of a few new queries per sequence over one layer's
-// float32 cache, the function of qspec_jax.model.attention.attention without a tree mask:
+// float32 or bfloat16 cache, the function of qspec_jax.model.attention.attention without a tree
+// mask (queries and output float32; pallas_kernels/cpu_kernels.py converts bfloat16 queries and
+// the output at the call boundary, a few KB per call):
 //
 //   q [B, T, H, D], k / v [B, S, KVH, D], q_positions int32 [B, T]  ->  out [B, T, H * D]
 //   out[b, t, h] = sum_{j <= p} softmax_j(q . k_j / sqrt(D)) v_j,  p = q_positions[b, t]
@@ -18,6 +20,9 @@
 // Per row: s_j = dot(q, k_j) / sqrt(D) (8-lane FMA chain over D, lanes summed in a fixed tree);
 // m = max_j s_j; e_j = Exp(s_j - m) (the polynomial below, the same in every call);
 // l = sum_j e_j in key order; out = (sum_j e_j v_j in key order) / l.
+// A bfloat16 cache is read 8 values at a time and converted to float32 in registers (exact:
+// bfloat16 is float32's upper half), everything after is the float32 code above, so the result is
+// bit for bit the float32 kernel's on the converted cache, with the same row independence.
 // Built with -ffp-contract=off (see int4_cpu.cc).
 
 #include <immintrin.h>
@@ -32,6 +37,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using qspec_cpu::Load8;
 using qspec_cpu::ParallelFor;
 
 namespace {
@@ -62,17 +68,19 @@ inline __m256 Exp8(__m256 x) {
 
 // One (sequence, query, KV head) unit: the G query heads of the group over keys [0, n).
 // Scores go to `s` (G rows of n), probabilities overwrite them; the G outputs go to o.
-void AttendGroup(const float* q, const float* k, const float* v, int64_t n, int64_t g_heads,
+// KV: float (a float32 cache) or uint16_t (bfloat16 bits).
+template <typename KV>
+void AttendGroup(const float* q, const KV* k, const KV* v, int64_t n, int64_t g_heads,
                  int64_t d, int64_t kv_stride, float scale_div, float* s, float* o) {
   const int64_t dv = d / 8;
   // scores
   for (int64_t j = 0; j < n; ++j) {
-    const float* kj = k + j * kv_stride;
+    const KV* kj = k + j * kv_stride;
     for (int64_t g = 0; g < g_heads; ++g) {
       const float* qg = q + g * d;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kj));
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), Load8(kj));
       for (int64_t i = 1; i < dv; ++i)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), _mm256_loadu_ps(kj + 8 * i), acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * i), Load8(kj + 8 * i), acc);
       s[g * n + j] = qspec_cpu::HSum(acc) / scale_div;
     }
   }
@@ -105,9 +113,8 @@ void AttendGroup(const float* q, const float* k, const float* v, int64_t n, int6
                        _mm256_setzero_ps()};
       for (int64_t j = 0; j < n; ++j) {
         const __m256 pj = _mm256_set1_ps(pg[j]);
-        const float* vj = v + j * kv_stride + c0;
-        for (int64_t i = 0; i < w; ++i)
-          acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+        const KV* vj = v + j * kv_stride + c0;
+        for (int64_t i = 0; i < w; ++i) acc[i] = _mm256_fmadd_ps(pj, Load8(vj + 8 * i), acc[i]);
       }
       const __m256 dn = _mm256_set1_ps(denom[g]);
       for (int64_t i = 0; i < w; ++i)
@@ -116,8 +123,26 @@ void AttendGroup(const float* q, const float* k, const float* v, int64_t n, int6
   }
 }
 
-ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos,
+template <typename KV>
+void Attend(ffi::ThreadPool& pool, const float* qp, const KV* kp, const KV* vp, const int32_t* pp,
+            float* op, int64_t b, int64_t t, int64_t h, int64_t d, int64_t s, int64_t kvh) {
+  const int64_t g_heads = h / kvh, units = b * t * kvh;
+  const float scale_div = std::sqrt(static_cast<float>(d));
+  ParallelFor(pool, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scores;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t kv = u % kvh, bt = u / kvh, bi = bt / t;
+      const int64_t n = std::min<int64_t>(std::max<int32_t>(pp[bt], 0) + 1, s);
+      scores.resize(g_heads * n);
+      AttendGroup<KV>(qp + (bt * h + kv * g_heads) * d, kp + (bi * s * kvh + kv) * d,
+                      vp + (bi * s * kvh + kv) * d, n, g_heads, d, kvh * d, scale_div,
+                      scores.data(), op + (bt * h + kv * g_heads) * d);
+    }
+  });
+}
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::Buffer<ffi::S32> pos,
                          ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
              pd = pos.dimensions();
@@ -127,25 +152,18 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     return ffi::Error::InvalidArgument(
         "attention cpu kernel: need q [B, T, H, D], k / v [B, S, KVH, D], positions [B, T], "
         "H a multiple of KVH, D a multiple of 8");
+  const auto kt = k.element_type();
+  if (v.element_type() != kt || (kt != ffi::DataType::F32 && kt != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument(
+        "attention cpu kernel: k and v must both be float32 or both bfloat16");
   const int64_t b = qd[0], t = qd[1], h = qd[2], d = qd[3], s = kd[1], kvh = kd[2];
-  const int64_t g_heads = h / kvh, units = b * t * kvh;
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const int32_t* pp = pos.typed_data();
-  float* op = out->typed_data();
-  const float scale_div = std::sqrt(static_cast<float>(d));
-  ParallelFor(pool, units, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> scores;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t kv = u % kvh, bt = u / kvh, bi = bt / t;
-      const int64_t n = std::min<int64_t>(std::max<int32_t>(pp[bt], 0) + 1, s);
-      scores.resize(g_heads * n);
-      AttendGroup(qp + (bt * h + kv * g_heads) * d, kp + (bi * s * kvh + kv) * d,
-                  vp + (bi * s * kvh + kv) * d, n, g_heads, d, kvh * d, scale_div,
-                  scores.data(), op + (bt * h + kv * g_heads) * d);
-    }
-  });
+  if (kt == ffi::DataType::F32)
+    Attend<float>(pool, q.typed_data(), k.typed_data<float>(), v.typed_data<float>(),
+                  pos.typed_data(), out->typed_data(), b, t, h, d, s, kvh);
+  else
+    Attend<uint16_t>(pool, q.typed_data(), k.reinterpret_data<uint16_t>(),
+                     v.reinterpret_data<uint16_t>(), pos.typed_data(), out->typed_data(), b, t,
+                     h, d, s, kvh);
   return ffi::Error::Success();
 }
 
@@ -154,8 +172,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecAttentionF32, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, T, H, D]
+                                  .Arg<ffi::AnyBuffer>()         // k [B, S, KVH, D] f32 / bf16
+                                  .Arg<ffi::AnyBuffer>()         // v (k's dtype)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions [B, T]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [B, T, H * D]

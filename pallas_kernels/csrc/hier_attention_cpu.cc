@@ -55,6 +55,12 @@
 // the autoregressive step (one row) computes.
 // Built with -ffp-contract=off (see int4_cpu.cc): no implicit FMA contraction that could differ
 // between two inlined copies; the FMAs below are explicit intrinsics.
+//
+// bfloat16: the queries and the output stay float32 here (pallas_kernels/cpu_attention.py
+// converts bfloat16 queries and the output at the call boundary); the float ring buffer may be
+// float32 or bfloat16. A bfloat16 buffer's rows of a block are converted (exactly) into a float32
+// tile that the unchanged float code reads, so the result is the float32 kernel's on the converted
+// buffer, with the same row independence.
 
 #include <immintrin.h>
 
@@ -322,7 +328,8 @@ struct Problem {
   const uint8_t *k_hi, *k_lo, *v_hi, *v_lo;  // one layer: [B, Q, kvh, hd/2]
   const float *k_scale, *k_min;              // [B, Q/G, kvh, hd]
   const float *v_scale, *v_min;              // [B, Q, kvh]
-  const float *k_buf, *v_buf;                // [B, NB, kvh, hd]
+  const float *k_buf, *v_buf;                // [B, NB, kvh, hd] (float32 buffers)
+  const uint16_t *k_buf16, *v_buf16;         // the same, bfloat16 buffers (else nullptr)
   const int32_t* buf_start;                  // [B]
 };
 
@@ -592,6 +599,9 @@ void BufferItem(const Problem& P, const Rows& R, const Partials& part, int64_t b
   }
   const float* kp[kBlock];
   const float* vp[kBlock];
+  thread_local std::vector<float> tile;  // bfloat16 buffers: [2, kBlock, hd] float32 rows
+  if (P.k_buf16 && static_cast<int64_t>(tile.size()) < 2 * kBlock * hd)
+    tile.resize(2 * kBlock * hd);
   const int64_t bstart = P.buf_start[b];
   const int64_t end = std::min(R.max_pos + 1, bstart + P.nbuf);
   for (int64_t j0 = (R.min_lo / kBlock) * kBlock; j0 < end; j0 += kBlock) {
@@ -602,6 +612,15 @@ void BufferItem(const Problem& P, const Rows& R, const Partials& part, int64_t b
         continue;
       }
       const int64_t off = ((b * P.nbuf + j % P.nbuf) * P.kvh + kv) * hd;
+      if (P.k_buf16) {
+        float* kt = tile.data() + i * hd;
+        float* vt = tile.data() + (kBlock + i) * hd;
+        qspec_cpu::Bf16ToF32(P.k_buf16 + off, kt, hd);
+        qspec_cpu::Bf16ToF32(P.v_buf16 + off, vt, hd);
+        kp[i] = kt;
+        vp[i] = vt;
+        continue;
+      }
       kp[i] = P.k_buf + off;
       vp[i] = P.v_buf + off;
     }
@@ -735,7 +754,7 @@ ffi::Error HierAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer,
                              ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> k_min,
                              ffi::Buffer<ffi::U8> v_hi, ffi::Buffer<ffi::U8> v_lo,
                              ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::F32> v_min,
-                             ffi::Buffer<ffi::F32> k_buf, ffi::Buffer<ffi::F32> v_buf,
+                             ffi::AnyBuffer k_buf, ffi::AnyBuffer v_buf,
                              ffi::Buffer<ffi::S32> buf_start, int64_t residual, int64_t target,
                              ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), cd = k_hi.dimensions(), sd = k_scale.dimensions();
@@ -782,8 +801,15 @@ ffi::Error HierAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer,
   P.v_scale = v_scale.typed_data() + li * vt;
   P.v_min = v_min.typed_data() + li * vt;
   const int64_t bt = P.b * P.nbuf * P.kvh * P.hd;
-  P.k_buf = k_buf.typed_data() + li * bt;
-  P.v_buf = v_buf.typed_data() + li * bt;
+  const auto bty = k_buf.element_type();
+  if (v_buf.element_type() != bty || (bty != ffi::DataType::F32 && bty != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument(
+        "hier attention cpu kernel: k_buf and v_buf must both be float32 or both bfloat16");
+  const bool bf16 = bty == ffi::DataType::BF16;
+  P.k_buf = bf16 ? nullptr : k_buf.typed_data<float>() + li * bt;
+  P.v_buf = bf16 ? nullptr : v_buf.typed_data<float>() + li * bt;
+  P.k_buf16 = bf16 ? k_buf.reinterpret_data<uint16_t>() + li * bt : nullptr;
+  P.v_buf16 = bf16 ? v_buf.reinterpret_data<uint16_t>() + li * bt : nullptr;
   P.buf_start = buf_start.typed_data();
   const auto for_each = [&pool](int64_t n, const auto& fn) { ParallelItems(pool, n, fn); };
   if (P.target)
@@ -809,8 +835,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecHierAttention, HierAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // v_lo (or a dummy)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_scale [L, B, Q, kvh]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_min
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_buf [L, B, NB, kvh, hd]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_buf
+                                  .Arg<ffi::AnyBuffer>()  // k_buf [L, B, NB, kvh, hd] f32/bf16
+                                  .Arg<ffi::AnyBuffer>()  // v_buf (k_buf's dtype)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // buf_start [B]
                                   .Attr<int64_t>("residual")
                                   .Attr<int64_t>("target")

@@ -19,6 +19,14 @@
 //
 // The weights are the Q8_0 values exactly (fp16 scale * int8 code is exact in float32), so the
 // logits equal x @ W for the float head W up to float32 summation order.
+//
+// The same file holds the float head (QspecFloatHead): x float32 [M, D] times a float32 or
+// bfloat16 matrix w [D, V] (the LM head of a model without Q8_0 codes, e.g. in bfloat16), float32
+// out. XLA's dot is not row independent here (measured: bfloat16 [4, 128] x [128, 256] differs
+// from four [1, 128] calls by 4e-6; float32 [4, 576] x [576, 49152] by 1.2e-4), which flips greedy
+// near-ties between verification and autoregressive decoding. Per output: acc = 0 and
+// acc = fma(x[d], w[d], acc) for d = 0.. in order, in the output's own SIMD lane; bfloat16 weights
+// are converted in registers (exactly). Nothing depends on M or the thread.
 
 #include <immintrin.h>
 
@@ -124,7 +132,102 @@ ffi::Error Q8HeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// Float head: rows [0, mb) of x times columns [c0, c0 + kHeadChunk) of w (ld = V), into out.
+// Memory order: d outer (each step reads kHeadChunk contiguous weights of row d, a stream the
+// prefetchers follow), the chunk's partial sums in out (L1). Per output element the operations
+// are out = 0, then out = fma(x[d], w[d], out) for d = 0.. in order, in the element's own lane:
+// the same whatever M, the row block or the thread.
+constexpr int64_t kHeadChunk = 128;
+
+template <int MB, typename W>
+inline void FloatHeadChunk(const float* x, int64_t d, const W* w, int64_t ld, int64_t c0,
+                           float* out) {
+  for (int r = 0; r < MB; ++r) std::fill(out + r * ld + c0, out + r * ld + c0 + kHeadChunk, 0.0f);
+  for (int64_t k = 0; k < d; ++k) {
+    const W* wk = w + k * ld + c0;
+    __m256 xr[MB];
+    for (int r = 0; r < MB; ++r) xr[r] = _mm256_broadcast_ss(x + r * d + k);
+    for (int64_t c = 0; c < kHeadChunk; c += 16) {
+      const __m256 w0 = qspec_cpu::Load8(wk + c), w1 = qspec_cpu::Load8(wk + c + 8);
+      for (int r = 0; r < MB; ++r) {
+        float* o = out + r * ld + c0 + c;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(xr[r], w0, _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(xr[r], w1, _mm256_loadu_ps(o + 8)));
+      }
+    }
+  }
+}
+
+// Columns of a last partial chunk (V not a multiple of kHeadChunk): the same per-element
+// sequence, 16 columns at a time.
+template <typename W>
+inline void FloatHeadTail(const float* x, int64_t m, int64_t d, const W* w, int64_t ld,
+                          int64_t c0, int64_t c1, float* out) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = c0; c < c1; c += 16) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < d; ++k) {
+        const __m256 xv = _mm256_broadcast_ss(x + i * d + k);
+        a0 = _mm256_fmadd_ps(xv, qspec_cpu::Load8(w + k * ld + c), a0);
+        a1 = _mm256_fmadd_ps(xv, qspec_cpu::Load8(w + k * ld + c + 8), a1);
+      }
+      _mm256_storeu_ps(out + i * ld + c, a0);
+      _mm256_storeu_ps(out + i * ld + c + 8, a1);
+    }
+}
+
+template <typename W>
+void FloatHead(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m,
+               int64_t d, int64_t v) {
+  const int64_t chunks = v / kHeadChunk;
+  ParallelFor(pool, chunks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = 0; i < m; i += 4) {
+        const float* xi = x + i * d;
+        float* oi = out + i * v;
+        const int64_t c0 = b * kHeadChunk;
+        switch (std::min<int64_t>(4, m - i)) {
+          case 4:
+            FloatHeadChunk<4>(xi, d, w, v, c0, oi);
+            break;
+          case 3:
+            FloatHeadChunk<3>(xi, d, w, v, c0, oi);
+            break;
+          case 2:
+            FloatHeadChunk<2>(xi, d, w, v, c0, oi);
+            break;
+          default:
+            FloatHeadChunk<1>(xi, d, w, v, c0, oi);
+        }
+      }
+  });
+  if (chunks * kHeadChunk < v) FloatHeadTail(x, m, d, w, v, chunks * kHeadChunk, v, out);
+}
+
+ffi::Error FloatHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || wd[0] != xd[1] || xd[1] < 1 || wd[1] % 16)
+    return ffi::Error::InvalidArgument(
+        "float head cpu kernel: need x [M, D], w [D, V], V a multiple of 16");
+  const int64_t m = xd[0], d = xd[1], v = wd[1];
+  if (w.element_type() == ffi::DataType::F32)
+    FloatHead(pool, x.typed_data(), w.typed_data<float>(), out->typed_data(), m, d, v);
+  else if (w.element_type() == ffi::DataType::BF16)
+    FloatHead(pool, x.typed_data(), w.reinterpret_data<uint16_t>(), out->typed_data(), m, d, v);
+  else
+    return ffi::Error::InvalidArgument("float head cpu kernel: w must be float32 or bfloat16");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecFloatHead, FloatHeadImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D]
+                                  .Arg<ffi::AnyBuffer>()         // w [D, V] f32 / bf16
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [M, V]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecQ8Head, Q8HeadImpl,
                               ffi::Ffi::Bind()

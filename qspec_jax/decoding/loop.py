@@ -69,6 +69,16 @@ __all__ = [
 ]
 
 
+# XLA options of every decoding program. XLA may skip a bfloat16 (or float16) rounding the
+# program asks for and keep the float32 value instead ("excess precision", on by default), and
+# where it does depends on how it fuses each program: the autoregressive step and the verifier's
+# forward then round differently (measured on the tiny preset in bfloat16: logprobs 2e-3 apart at
+# the same position, and quantspec / qspec + hier output different from W4A16's). Off, every
+# rounding happens where the program says, so verification rows equal autoregressive rows when
+# every op is row independent (docs/exactness.md). No effect on float32 programs.
+EXACT_ROUNDING = {"xla_allow_excess_precision": False}
+
+
 def prefill(
     params: Params,
     cache: KVCache,
@@ -163,7 +173,12 @@ def cond(state: DecodeState) -> jnp.ndarray:
     return ~jnp.all(state.done)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "qcfg", "dc"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "qcfg", "dc"),
+    donate_argnames=("cache",),
+    compiler_options=EXACT_ROUNDING,
+)
 def generate(
     params: Params,
     cache: KVCache,
@@ -201,7 +216,12 @@ def generate(
     return _flushed(state)  # the returned cache holds the format's invariants
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "qcfg", "dc"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "qcfg", "dc"),
+    donate_argnames=("cache",),
+    compiler_options=EXACT_ROUNDING,
+)
 def prefill_jit(
     params, cache, prompt_tokens, prompt_lens, key, max_new_tokens, stop_ids, *, cfg, qcfg, dc
 ) -> DecodeState:
@@ -211,7 +231,12 @@ def prefill_jit(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "qcfg", "dc"), donate_argnames=("state",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "qcfg", "dc"),
+    donate_argnames=("state",),
+    compiler_options=EXACT_ROUNDING,
+)
 def run_steps(
     state: DecodeState,
     params: Params,
@@ -267,7 +292,12 @@ def _put_rows(big, one, row):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "qcfg", "dc"), donate_argnames=("state",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "qcfg", "dc"),
+    donate_argnames=("state",),
+    compiler_options=EXACT_ROUNDING,
+)
 def insert_prompt(
     state: DecodeState,
     params: Params,
@@ -314,8 +344,10 @@ def _flushed(state: DecodeState) -> DecodeState:
     return state.replace(cache=state.cache.flush())
 
 
-_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "qcfg", "dc"))
-_step_jit = jax.jit(step, static_argnames=("cfg", "qcfg", "dc"))
+_prefill_jit = jax.jit(
+    prefill, static_argnames=("cfg", "qcfg", "dc"), compiler_options=EXACT_ROUNDING
+)
+_step_jit = jax.jit(step, static_argnames=("cfg", "qcfg", "dc"), compiler_options=EXACT_ROUNDING)
 
 
 def generate_python(

@@ -129,7 +129,8 @@ def lm_head(params: Params, x: jnp.ndarray, impl: str | None = None) -> jnp.ndar
 
     def float_logits(x):
         w = float_head(params)  # [D, V]
-        return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        # The registry's "float_matmul": a row-independent CPU kernel on CPU, else XLA's dot.
+        return dispatch.float_matmul(x, w.astype(x.dtype), impl=impl)  # [..., V] float32
 
     q8 = params.head_q8
     codes, scales = (None, None) if q8 is None else (q8.codes, q8.scales)

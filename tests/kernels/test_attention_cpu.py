@@ -106,3 +106,59 @@ def test_model_attention_dispatch():
         rtol=0,
         atol=1e-5 * float(jnp.abs(v).max()),
     )
+
+
+# --------------------------------------------------------------------------------- bfloat16
+# The kernel reads a bfloat16 cache directly and converts it to float32 in registers (exact), and
+# cpu_kernels.attention_cpu converts bfloat16 queries at the boundary (exact), so a bfloat16 call
+# returns exactly the float32 kernel's output on the converted inputs: checked bit for bit. The
+# float32 kernel's accuracy is checked above, so nothing more is needed for the kernel itself.
+# Against the model's dense bfloat16 path, which rounds the softmax weights to bfloat16 before
+# the value sum (relative 2^-9 each, so at most 2^-9 max|v| on the convex combination) and its
+# output to bfloat16 (2^-9 |out| <= 2^-9 max|v|), with the kernel's output rounded to bfloat16 too
+# (another 2^-9 max|v|): |kernel - dense| <= 3 * 2^-9 max|v| < 2^-7 max|v| (the registry's
+# bfloat16 attention bound); measured about 1.7e-3 max|v| (0.4 * 2^-8).
+
+
+def _bf16(*arrays):
+    return tuple(a.astype(jnp.bfloat16) for a in arrays)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_bfloat16_is_the_float32_kernel_on_the_converted_values(t):
+    q, k, v = _bf16(*_inputs(7 + t, t=t))
+    pos = jnp.array([[5 + i for i in range(t)], [190 + i for i in range(t)]], jnp.int32)
+    got = np.asarray(_attn(q, k, v, pos))
+    up = np.asarray(_attn(*(a.astype(jnp.float32) for a in (q, k, v)), pos))
+    np.testing.assert_array_equal(got, up)
+    dense = np.asarray(dense_attention(q, k, v, pos), np.float32)
+    atol = 2.0**-7 * float(jnp.abs(v.astype(jnp.float32)).max())
+    rounded = np.asarray(jnp.asarray(got).astype(jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(rounded, dense, rtol=0, atol=atol)
+
+
+def test_bfloat16_rows_are_independent_bit_for_bit():
+    q, k, v = _bf16(*_inputs(9, b=3, t=6))
+    pos = jnp.array([[10, 11, 12, 13, 14, 15], [100] * 6, [150, 151, 152, 153, 154, 155]])
+    pos = pos.astype(jnp.int32)
+    full = np.asarray(_attn(q, k, v, pos))
+    for bi in range(3):
+        for ti in range(6):
+            one = _attn(q[bi : bi + 1, ti : ti + 1], k[bi : bi + 1], v[bi : bi + 1],
+                        pos[bi : bi + 1, ti : ti + 1])  # fmt: skip
+            np.testing.assert_array_equal(full[bi, ti], np.asarray(one)[0, 0])
+
+
+def test_bfloat16_model_attention_takes_the_kernel_and_other_dtypes_refuse():
+    q, k, v = _bf16(*_inputs(6, b=1, t=4))
+    pp = jnp.arange(4, dtype=jnp.int32)[None] + 50
+    hlo = jax.jit(lambda a: attention(a, k, v, pp)).lower(q).as_text()
+    assert "qspec_attention_f32" in hlo
+    out = attention(q, k, v, pp)
+    assert out.dtype == jnp.bfloat16
+    ref = _attn(q, k, v, pp).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    with pytest.raises(NotImplementedError, match="float32 or bfloat16"):
+        cpu_kernels.attention_cpu(q, k.astype(jnp.float16), v.astype(jnp.float16), pp)
+    with pytest.raises(NotImplementedError, match="float32 or bfloat16"):
+        cpu_kernels.attention_cpu(q, k, v.astype(jnp.float32), pp)

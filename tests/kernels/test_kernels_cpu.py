@@ -211,3 +211,42 @@ def test_fused_quantize_matmul_dispatch_and_fallback():
     with pytest.raises(NotImplementedError, match="multiple of 32"):
         call(48, "cpu")(x)
     np.testing.assert_array_equal(np.asarray(call(48)(x)), np.asarray(call(48, "xla")(x)))
+
+
+# --------------------------------------------------------------------------------- bfloat16
+# bfloat16 activations are converted to float32 at the call boundary (XLA's convert: exact) and
+# the float32 result is rounded once to bfloat16 (round to nearest even), elementwise: so a
+# bfloat16 call is the float32 kernel on the converted values, rounded, bit for bit, and its rows
+# stay independent. (Converting inside the kernel instead would save a [M, K] float32 copy of a
+# few KB per decode call; docs/kernels.md, "bfloat16", measures the boundary's cost.)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_w4a16_bfloat16_is_the_float32_kernel_rounded(m):
+    k, n = 576, 960
+    packed, scales, mins = random_weight(jax.random.key(50 + m), k, n, 32, True)
+    x = jax.random.normal(jax.random.key(60 + m), (m, k)).astype(jnp.bfloat16)
+    got = _w4a16(x, packed, scales, mins)
+    assert got.dtype == jnp.bfloat16
+    want = _w4a16(x.astype(jnp.float32), packed, scales, mins).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    for i in range(m):
+        one = _w4a16(x[i : i + 1], packed, scales, mins)
+        np.testing.assert_array_equal(
+            np.asarray(got[i], np.float32), np.asarray(one[0], np.float32)
+        )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_w4ax_bfloat16_is_the_float32_kernel_rounded(bits):
+    m, k, n = 3, 576, 960
+    packed, scales, mins = random_weight(jax.random.key(70 + bits), k, n, 32, False)
+    x = jax.random.normal(jax.random.key(80 + bits), (m, k)).astype(jnp.bfloat16)
+    fused = jax.jit(
+        cpu_kernels.quantize_w4ax_matmul_cpu, static_argnames=("bits", "group_size", "out_dtype")
+    )
+    got = fused(x, packed, scales, mins, bits=bits, group_size=32, out_dtype=jnp.bfloat16)
+    want = fused(x.astype(jnp.float32), packed, scales, mins, bits=bits, group_size=32)
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32)
+    )

@@ -136,3 +136,68 @@ def test_real_model_head_is_the_gguf_q8_0_head(smollm2_fp):
     np.testing.assert_array_equal(
         np.asarray(head.dequantize()), np.asarray(float_head(smollm2_fp.params).T)
     )
+
+
+# ------------------------------------------------------------------ bfloat16 and the float head
+# bfloat16 activations are converted to float32 at the call boundary (exact), so the kernels'
+# bfloat16 results are their float32 results on the converted values, bit for bit. The float
+# head kernel (`cpu_kernels.float_head_cpu`, the "float_matmul" op: the LM head of a model
+# without Q8_0 codes) reads float32 or bfloat16 weights; per output it is D float32 FMAs in
+# order from 0, so against a float64 reference of the same (converted) values the worst case is
+# |out - ref| <= D * 2^-24 * sum_d |x_d w_dv| (3.4e-5 of that sum for D = 576), and independent
+# roundings grow like sqrt(D) * 2^-24 (1.4e-6); we assert 1e-5 of it, as for the Q8_0 kernel
+# (measured about 1e-7).
+
+_fhead = jax.jit(cpu_kernels.float_head_cpu)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 4, 6])
+def test_q8_kernel_takes_bfloat16_activations(m):
+    _, codes, scales = _grid_head(4)
+    x = jax.random.normal(jax.random.key(m), (m, D)).astype(jnp.bfloat16)
+    got = np.asarray(_q8(x, codes, scales))
+    np.testing.assert_array_equal(got, np.asarray(_q8(x.astype(jnp.float32), codes, scales)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("wdtype", [jnp.float32, jnp.bfloat16])
+def test_float_head_matches_reference_and_rows_are_independent(wdtype):
+    v = 1008  # a multiple of 16 spread over the thread pool
+    w = (0.05 * jax.random.normal(jax.random.key(5), (D, v))).astype(wdtype)  # [D, V]
+    x = jax.random.normal(jax.random.key(6), (6, D)).astype(wdtype)  # [M, D]
+    full = np.asarray(_fhead(x, w))  # [M, V] float32
+    for i in range(6):
+        np.testing.assert_array_equal(full[i], np.asarray(_fhead(x[i : i + 1], w))[0])
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    bound = 1e-5 * (np.abs(x64) @ np.abs(w64))
+    assert np.all(np.abs(full - x64 @ w64) <= bound + 1e-30)
+    if wdtype == jnp.bfloat16:  # bfloat16 weights: the float32 kernel on the converted values
+        up = _fhead(x.astype(jnp.float32), w.astype(jnp.float32))
+        np.testing.assert_array_equal(full, np.asarray(up))
+
+
+@needs_kernels
+def test_float_lm_head_takes_the_kernel_in_bfloat16(tiny_params):
+    """A head off the Q8_0 grid (random init) runs the float head kernel on CPU in bfloat16
+    (auto) and in float32 when impl is "cpu"; float32 under auto and forced "xla" keep XLA's dot;
+    uncovered shapes fall back."""
+    p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tiny_params)
+    d = tiny_params.embed.shape[1]
+
+    def hlo(params, x, impl):
+        return jax.jit(lambda p, x: lm_head(p, x, impl)).lower(params, x).as_text()
+
+    for params, dt, auto_kernel in ((tiny_params, jnp.float32, False), (p16, jnp.bfloat16, True)):
+        x = jax.random.normal(jax.random.key(8), (2, 3, d)).astype(dt)  # [batch, t, D]
+        assert ("qspec_float_head" in hlo(params, x, None)) == auto_kernel
+        assert "qspec_float_head" in hlo(params, x, "cpu")
+        assert "qspec_float_head" not in hlo(params, x, "xla")
+        out = np.asarray(lm_head(params, x, "cpu"))
+        xla = np.asarray(lm_head(params, x, "xla"))
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, xla, rtol=0, atol=1e-5 * float(np.abs(xla).max()))
+    with pytest.raises(NotImplementedError, match="multiple of 16"):
+        cpu_kernels.float_head_cpu(jnp.ones((1, 8)), jnp.ones((8, 20)))
+    out = dispatch.float_matmul(jnp.ones((1, 8), jnp.bfloat16), jnp.ones((8, 20), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(out), np.full((1, 20), 8.0, np.float32))  # XLA
