@@ -22,7 +22,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check qspec_jax pallas_kernels tests experiments
-	$(BIN)/python -m pytest tests
+	# two workers (pytest-xdist), one test file each at a time: module fixtures are not duplicated
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile
 
 # On a machine with a CUDA GPU: the full check with the python3 that has a CUDA jax (a lent GPU
 # machine's own), else the venv with the `gpu` extra. Without a GPU: the dry part (CI runs it).

@@ -726,9 +726,10 @@ class Engine:
         that row of the cache) instead of waiting for the slowest row of a static batch. The
         rows run up to `chunk_steps` steps per device call, and while prompts wait a call
         also ends as soon as a row finishes; finished rows are collected and refilled between
-        calls, each prompt prefilled alone in its own prompt-length bucket. Every prompt's tokens equal its `generate([prompt], ...)` run alone at
-        temperature 0 (its prefill is the batch-1 prefill, and every decode kernel computes a
-        row the same way whatever the other rows hold); when sampling, each prompt's draws
+        calls, each prompt prefilled alone in its own prompt-length bucket. Every prompt's
+        tokens equal its `generate([prompt], ...)` run alone at temperature 0 (its prefill is
+        the batch-1 prefill, and every decode kernel computes a row the same way whatever the
+        other rows hold); when sampling, each prompt's draws
         differ from its run alone (the rows share one key stream) but follow the same
         distribution. Takes `generate`'s arguments; results come back in the prompts' order.
         """

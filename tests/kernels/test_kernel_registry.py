@@ -118,7 +118,9 @@ def test_prefill_and_cache_defaults(monkeypatch):
         assert dispatch.prefill_impl(None) == prefill
         assert dispatch.prefill_impl("pallas") == "pallas"  # an explicit choice is kept
         assert dispatch.hier_attention_default(64, jnp.float32) == hier
-        assert dispatch.hier_attention_default(64, jnp.bfloat16) == "xla"
+        # bfloat16 caches have the CPU kernel too; float16 has none (XLA)
+        assert dispatch.hier_attention_default(64, jnp.bfloat16) == hier
+        assert dispatch.hier_attention_default(64, jnp.float16) == "xla"
     # On a GPU the hierarchical cache's attention is decided per call (validated Pallas first).
     monkeypatch.setattr(dispatch, "default_impl", lambda: "pallas")
     assert dispatch.hier_attention_default(64, jnp.float32) == "auto"
