@@ -1,4 +1,4 @@
-"""bfloat16 end to end on the tiny preset: every speculative mode equals W4A16 greedy.
+"""bfloat16 end to end on the tiny preset: qspec, hspec and quantspec equal W4A16 greedy.
 
 The exactness guarantee does not depend on the dtype: the verifier's argmax decides every token
 and the draft only proposes, provided a verification row's logits equal the autoregressive row's

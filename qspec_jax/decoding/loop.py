@@ -79,6 +79,18 @@ __all__ = [
 EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
+def _decode_jit(fn=None, *, donate: str | None = None):
+    """`jax.jit` of a decoding program: configs static, `donate` donated, EXACT_ROUNDING."""
+    if fn is None:
+        return functools.partial(_decode_jit, donate=donate)
+    return jax.jit(
+        fn,
+        static_argnames=("cfg", "qcfg", "dc"),
+        donate_argnames=() if donate is None else (donate,),
+        compiler_options=EXACT_ROUNDING,
+    )
+
+
 def prefill(
     params: Params,
     cache: KVCache,
@@ -173,12 +185,7 @@ def cond(state: DecodeState) -> jnp.ndarray:
     return ~jnp.all(state.done)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "qcfg", "dc"),
-    donate_argnames=("cache",),
-    compiler_options=EXACT_ROUNDING,
-)
+@_decode_jit(donate="cache")
 def generate(
     params: Params,
     cache: KVCache,
@@ -216,12 +223,7 @@ def generate(
     return _flushed(state)  # the returned cache holds the format's invariants
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "qcfg", "dc"),
-    donate_argnames=("cache",),
-    compiler_options=EXACT_ROUNDING,
-)
+@_decode_jit(donate="cache")
 def prefill_jit(
     params, cache, prompt_tokens, prompt_lens, key, max_new_tokens, stop_ids, *, cfg, qcfg, dc
 ) -> DecodeState:
@@ -231,12 +233,7 @@ def prefill_jit(
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "qcfg", "dc"),
-    donate_argnames=("state",),
-    compiler_options=EXACT_ROUNDING,
-)
+@_decode_jit(donate="state")
 def run_steps(
     state: DecodeState,
     params: Params,
@@ -292,12 +289,7 @@ def _put_rows(big, one, row):
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "qcfg", "dc"),
-    donate_argnames=("state",),
-    compiler_options=EXACT_ROUNDING,
-)
+@_decode_jit(donate="state")
 def insert_prompt(
     state: DecodeState,
     params: Params,
@@ -344,10 +336,8 @@ def _flushed(state: DecodeState) -> DecodeState:
     return state.replace(cache=state.cache.flush())
 
 
-_prefill_jit = jax.jit(
-    prefill, static_argnames=("cfg", "qcfg", "dc"), compiler_options=EXACT_ROUNDING
-)
-_step_jit = jax.jit(step, static_argnames=("cfg", "qcfg", "dc"), compiler_options=EXACT_ROUNDING)
+_prefill_jit = _decode_jit(prefill)
+_step_jit = _decode_jit(step)
 
 
 def generate_python(
