@@ -7,7 +7,11 @@ temporary directory, for every mode (`--modes`, default all of them), in up to t
 * ``cold``: empty cache directory (the process quantizes, if its mode needs it, and compiles);
 * ``quant-warm``: the quantize-once checkpoint is there, the compilation cache is deleted first
   (the process loads the checkpoint and compiles);
-* ``warm``: both caches are there from the previous runs (the process loads both).
+* ``warm``: both caches are there from the previous runs (the process loads both; its
+  generation program is read as an exported program, `qspec_jax.exported`, not traced);
+* ``warm-traced``: as warm, with ``QSPEC_JAX_EXPORT_CACHE=0`` (the program is traced and
+  lowered, and its executable read from JAX's cache): the baseline for the exported programs,
+  measured in the same run.
 
 Per run: the process's wall time (start to exit, Python and JAX import included) and the
 generation's `stats["compile_s"]` and `compile_source` from `--json`. `--repeats` rounds per
@@ -34,9 +38,10 @@ import time
 from qspec_jax.bench.common import describe, run_meta, usage_error, write_json
 
 
-def run_once(cache_dir: str, args, mode: str) -> dict:
+def run_once(cache_dir: str, args, mode: str, export: bool = True) -> dict:
     """One `qspec-jax generate` process; its wall seconds and the JSON stats it printed."""
     env = dict(os.environ, QSPEC_JAX_CACHE_DIR=cache_dir, HF_HUB_OFFLINE="1")
+    env["QSPEC_JAX_EXPORT_CACHE"] = "1" if export else "0"
     cmd = [
         sys.executable, "-m", "qspec_jax.cli", "generate", "--prompt", args.prompt,
         "--mode", mode, "--max-new-tokens", str(args.max_new_tokens), "--json",
@@ -53,6 +58,7 @@ def run_once(cache_dir: str, args, mode: str) -> dict:
         wall_s=wall,
         compile_s=stats["compile_s"],
         compile_source=stats["compile_source"],
+        program_trace=stats.get("program_trace"),
         tokens=stats["tokens_generated"],
     )
 
@@ -60,7 +66,9 @@ def run_once(cache_dir: str, args, mode: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="fp,w4a16,w4a4,w4a8,qspec,quantspec,hspec")
-    ap.add_argument("--states", default="cold,warm", help="of cold, quant-warm, warm")
+    ap.add_argument(
+        "--states", default="cold,warm,warm-traced", help="of cold, quant-warm, warm, warm-traced"
+    )
     ap.add_argument("--quant", default=None, help="--quant for the CLI (default: the mode's)")
     ap.add_argument("--prompt", default="Write a haiku about the sea.")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -71,9 +79,11 @@ def main(argv=None) -> int:
         return usage_error(f"--repeats must be at least 1, got {args.repeats}")
 
     states = args.states.split(",")
-    if "cold" not in states or not set(states) <= {"cold", "quant-warm", "warm"}:
+    known = {"cold", "quant-warm", "warm", "warm-traced"}
+    if "cold" not in states or not set(states) <= known:
         return usage_error(
-            f"--states must list cold, then optionally quant-warm and warm: got {args.states!r}"
+            "--states must list cold, then optionally quant-warm, warm and warm-traced: "
+            f"got {args.states!r}"
         )
     started = time.time()
     runs = {m: {k: [] for k in states} for m in args.modes.split(",")}
@@ -87,6 +97,8 @@ def main(argv=None) -> int:
                     by_state["quant-warm"].append(run_once(root, args, mode))
                 if "warm" in states:
                     by_state["warm"].append(run_once(root, args, mode))
+                if "warm-traced" in states:
+                    by_state["warm-traced"].append(run_once(root, args, mode, export=False))
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             print(f"{mode} repeat {r + 1}: "
@@ -99,6 +111,7 @@ def main(argv=None) -> int:
                 median_wall_s=statistics.median(x["wall_s"] for x in v),
                 median_compile_s=statistics.median(x["compile_s"] for x in v),
                 compile_source=sorted({x["compile_source"] for x in v}),
+                program_trace=sorted({str(x.get("program_trace")) for x in v}),
             )
             for k, v in by_state.items()
         }
@@ -107,12 +120,13 @@ def main(argv=None) -> int:
     meta = run_meta(started, settings=vars(args), cwd=os.getcwd())
     write_json(args.out, dict(meta=meta, summary=summary, runs=runs))
     print(f"\n{describe(meta)}\n")
-    print("| mode | caches | process wall s (median) | compile_s (median) | program from |")
-    print("|---|---|---:|---:|---|")
+    print("| mode | caches | process wall s (median) | compile_s (median) | executable | trace |")
+    print("|---|---|---:|---:|---|---|")
     for m, by_state in summary.items():
         for k, v in by_state.items():
             print(f"| {m} | {k} | {v['median_wall_s']:.1f} | {v['median_compile_s']:.1f} | "
-                  f"{', '.join(map(str, v['compile_source']))} |")  # fmt: skip
+                  f"{', '.join(map(str, v['compile_source']))} | "
+                  f"{', '.join(v['program_trace'])} |")  # fmt: skip
     return 0
 
 

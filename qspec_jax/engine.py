@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import dispatch
-from qspec_jax import disk_cache
+from qspec_jax import disk_cache, exported
 from qspec_jax.cache.kv_cache import KVCache
 from qspec_jax.cache.protocol import make_cache
 from qspec_jax.config import PRECISIONS, PRESETS, LlamaConfig, QuantConfig
 from qspec_jax.decoding import loop
 from qspec_jax.decoding.config import DecodeConfig
-from qspec_jax.decoding.loop import generate
+from qspec_jax.decoding.loop import EXACT_ROUNDING, generate
 from qspec_jax.decoding.methods import DecodingMethod, MethodError, mode_names, resolve
 from qspec_jax.decoding.sampling import SamplingConfig
 from qspec_jax.decoding.state import FINISH_NAMES, STOP
@@ -543,12 +543,18 @@ class Engine:
     ):
         """The AOT-compiled generation function for these arguments' shapes and shardings.
 
+        With the compilation cache on, the program's trace is kept on disk too
+        (`qspec_jax.exported`): a later process deserializes it instead of tracing and
+        lowering the decoding loop.
+
         Returns:
-            (executable, compile_s, source): compile_s is the wall time of tracing, lowering
-            and compiling in this call (0.0 when this engine already held the program);
-            source is "memory" (held by this engine), "disk" (JAX's persistent cache supplied
-            the executable; compile_s is then tracing + lowering + reading it) or "compiled"
-            (XLA compiled it now).
+            (executable, compile_s, source, trace): compile_s is the wall time of tracing (or
+            reading the exported trace), lowering and compiling in this call (0.0 when this
+            engine already held the program); source is "memory" (held by this engine), "disk"
+            (JAX's persistent cache supplied the executable) or "compiled" (XLA compiled it
+            now); trace is "exported-read" (deserialized, not traced), "exported-written"
+            (traced and exported now), "exported-unwritten" or "traced" (traced as usual: the
+            cache is off, the program spans several devices, or it could not be exported).
         """
         if stop_ids is None:
             stop_ids = jnp.full((toks.shape[0], 0), -1, jnp.int32)
@@ -563,24 +569,25 @@ class Engine:
         )
         if ckey in self._compiled:
             self._compiled.move_to_end(ckey)
-            return self._compiled[ckey], 0.0, "memory"
+            fn, trace = self._compiled[ckey]
+            return fn, 0.0, "memory", trace
         hits = disk_cache.persistent_cache_hits()
         t0 = time.perf_counter()
-        fn = generate.lower(
-            self.params,
-            cache,
-            toks,
-            lens,
-            key,
-            limit,
-            stop_ids,
-            cfg=self.config,
-            qcfg=self.qconfig,
-            dc=dc,
-        ).compile()
+        args = (self.params, cache, toks, lens, key, limit, stop_ids)
+        static = dict(cfg=self.config, qcfg=self.qconfig, dc=dc)
+        fn = None
+        if self.compile_cache_dir is not None:  # the trace itself from disk (qspec_jax.exported)
+            fn = exported.compile_program(
+                generate.__wrapped__, args, static, name="generate", donate=(1,),
+                compiler_options=EXACT_ROUNDING,
+            )  # fmt: skip
+        trace = "traced" if fn is None else fn.source
+        if fn is None:
+            fn = generate.lower(*args, **static).compile()
         compile_s = time.perf_counter() - t0
-        self._hold(ckey, fn)
-        return fn, compile_s, "disk" if disk_cache.persistent_cache_hits() > hits else "compiled"
+        self._hold(ckey, (fn, trace))
+        source = "disk" if disk_cache.persistent_cache_hits() > hits else "compiled"
+        return fn, compile_s, source, trace
 
     def generate(
         self,
@@ -643,7 +650,9 @@ class Engine:
             A GenerationResult. stats["compile_s"] is the wall time this call spent tracing,
             lowering and compiling its program (0.0 when the engine already held it);
             stats["compile_source"] says where the program came from: "memory", "disk"
-            (JAX's persistent compilation cache) or "compiled".
+            (JAX's persistent compilation cache) or "compiled"; stats["program_trace"]
+            whether it was traced ("traced", "exported-written") or read as an exported
+            program ("exported-read"), see `compiled_generate`.
         """
         req = self._request(
             prompts, method, mode, max_new_tokens, temperature, seed, chat, top_k, top_p,
@@ -651,7 +660,7 @@ class Engine:
         )  # fmt: skip
         if any(req.stops):
             return self._finish_chunked(req, chunk_steps)
-        fn, compile_s, source = self.compiled_generate(
+        fn, compile_s, source, trace = self.compiled_generate(
             req.cache, req.toks, req.lens, req.key, req.limits, req.dc, req.stop_ids
         )
         jax.block_until_ready((req.cache, req.toks, req.lens))
@@ -659,7 +668,9 @@ class Engine:
         state = fn(self.params, req.cache, req.toks, req.lens, req.key, req.limits, req.stop_ids)
         host = _HostState.fetch(state)
         wall = time.perf_counter() - t0
-        return self._result(req, host, wall, compile_s, source)
+        result = self._result(req, host, wall, compile_s, source)
+        result.stats["program_trace"] = trace
+        return result
 
     def stream(
         self,

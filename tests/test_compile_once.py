@@ -87,7 +87,7 @@ import json, qspec_jax
 e = qspec_jax.load("tiny")
 r = e.generate([[5, 6, 7]], mode="fp", max_new_tokens=8)
 print(json.dumps(dict(source=r.stats["compile_source"], compile_s=r.stats["compile_s"],
-                      dir=e.compile_cache_dir, tokens=r.tokens)))
+                      trace=r.stats["program_trace"], dir=e.compile_cache_dir, tokens=r.tokens)))
 """
 
 
@@ -107,13 +107,18 @@ def _child(env):
 def test_second_process_reads_the_program_from_the_persistent_cache(tmp_path):
     env = dict(os.environ, QSPEC_JAX_CACHE_DIR=str(tmp_path / "root"))
     env.pop("QSPEC_JAX_COMPILE_CACHE", None)
+    env.pop("QSPEC_JAX_EXPORT_CACHE", None)
     cold = _child(env)
-    assert cold["source"] == "compiled"
+    assert cold["source"] == "compiled" and cold["trace"] == "exported-written"
     assert cold["dir"] == str(tmp_path / "root" / "jax-cache") and os.listdir(cold["dir"])
+    assert len(os.listdir(tmp_path / "root" / "exported")) == 1
+    # the second process neither traces (the exported program) nor compiles (the XLA cache)
     warm = _child(env)
-    assert warm["source"] == "disk" and warm["tokens"] == cold["tokens"]
+    assert warm["source"] == "disk" and warm["trace"] == "exported-read"
+    assert warm["tokens"] == cold["tokens"]
     off = _child(
         dict(env, QSPEC_JAX_CACHE_DIR=str(tmp_path / "other"), QSPEC_JAX_COMPILE_CACHE="0")
     )
     assert off["source"] == "compiled" and off["dir"] is None and off["tokens"] == cold["tokens"]
+    assert off["trace"] == "traced"
     assert not (tmp_path / "other").exists()
