@@ -5,7 +5,10 @@
 * Items are the task's problems (or text chunks for perplexity) in file order, cut to `limit`,
   then to this process's shard (`shard_items`, contiguous).
 * For each mode, items not yet done are generated `batch_size` at a time with
-  ``engine.generate`` (greedy by default), scored, and appended to the PARTIAL file
+  ``engine.generate`` (greedy by default), or with ``continuous=True`` `CONTINUOUS_GROUP` x
+  `batch_size` at a time with ``engine.generate_many(batch_size=batch_size)`` (continuous
+  batching: a finished row takes the next item; at temperature 0 every item's tokens are
+  those of the static run), scored, and appended to the PARTIAL file
   (``<results stem>.partial.jsonl``) as one item line per item followed by one batch line (wall
   time, tokens, draft statistics), written in one ``write`` and fsync'ed. Perplexity items call
   ``engine.logits`` instead (QSpec's teacher-forced distribution is its W4A16 verifier's, so
@@ -410,18 +413,22 @@ def _generation_records(task, mode, batch, res, humaneval_style, exec_timeout, e
     return out
 
 
+# items per continuous-batching call, in units of batch_size (one resume unit each)
+CONTINUOUS_GROUP = 8
+
 _BATCH_STATS = ("tokens_generated", "wall_s", "draft_tokens_proposed", "draft_tokens_accepted",
                 "verify_steps", "mean_tokens_per_step", "compile_s")
 
 
 def _run_generation_batch(engine, task, mode, batch, *, max_new_tokens, gamma, temperature, seed,
-                          humaneval_style, exec_timeout, exec_workers, draft="w4a8"):
+                          humaneval_style, exec_timeout, exec_workers, draft="w4a8", rows=0):
     extra = {"draft": draft} if mode == "qspec" else {}  # the evaluation's QSpec draft
     # gamma is a shared option: methods that draft no sequence ignore it
-    res = engine.generate(
-        [it.prompt for it in batch], mode=mode, max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, chat=batch[0].chat, gamma=gamma, **extra,
-    )
+    kw = dict(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+              chat=batch[0].chat, gamma=gamma, **extra)
+    prompts = [it.prompt for it in batch]
+    # rows > 0: continuous batching over the group, `rows` sequences in flight
+    res = engine.generate_many(prompts, batch_size=rows, **kw) if rows else engine.generate(prompts, **kw)
     recs = _generation_records(task, mode, batch, res, humaneval_style, exec_timeout, exec_workers)
     stats = {k: res.stats[k] for k in _BATCH_STATS if k in res.stats}
     stats.setdefault("tokens_generated", sum(len(t) for t in res.tokens))
@@ -562,6 +569,7 @@ def run_eval(
     exec_workers: int = 2,
     seq_len: int = 256,
     draft: str = "w4a8",
+    continuous: bool = False,
 ) -> dict:
     """Evaluates `engine` on `task` in each of `modes`; returns the summary written to `results_path`.
 
@@ -582,6 +590,10 @@ def run_eval(
         exec_timeout, exec_workers: HumanEval check time limit (s) and parallel subprocesses.
         seq_len: perplexity chunk length.
         draft: QSpec's draft precision ("w4a4" or "w4a8"), recorded in the configuration.
+        continuous: generate with continuous batching (`engine.generate_many`, `batch_size`
+            rows busy) over groups of `CONTINUOUS_GROUP` x `batch_size` items, each group one
+            resume unit; greedy items are the same as without it. Recorded in the
+            configuration when on (sampled draws depend on it).
 
     Raises:
         EvalUsageError (a ValueError): bad arguments (one sentence), or a partial file written
@@ -611,6 +623,12 @@ def run_eval(
         config.update(max_new_tokens=max_new_tokens, gamma=gamma, draft=draft)
     if task == "humaneval":
         config.update(humaneval_style=humaneval_style, exec_timeout=float(exec_timeout))
+    rows = 0
+    if continuous and task != "perplexity":
+        if not hasattr(engine, "generate_many"):
+            raise EvalUsageError("continuous batching needs an engine with generate_many")
+        config["continuous"] = True
+        rows = batch_size
     config = json.loads(json.dumps(config))
 
     ppath = partial_path(path)
@@ -628,8 +646,9 @@ def run_eval(
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {mode}",
                    unit="item", disable=not progress, leave=True)
         try:
-            for s in range(0, len(todo), batch_size):
-                batch = todo[s : s + batch_size]
+            step = batch_size * CONTINUOUS_GROUP if rows else batch_size
+            for s in range(0, len(todo), step):
+                batch = todo[s : s + step]
                 if task == "perplexity":
                     recs = _run_perplexity_batch(engine, mode, batch)
                 else:
@@ -637,6 +656,7 @@ def run_eval(
                         engine, task, mode, batch, max_new_tokens=max_new_tokens, gamma=gamma,
                         temperature=temperature, seed=seed, humaneval_style=humaneval_style,
                         exec_timeout=exec_timeout, exec_workers=exec_workers, draft=draft,
+                        rows=rows,
                     )
                 writer.append(recs)
                 bar.update(len(batch))

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", choices=("w4a4", "w4a8"), default="w4a8", help="QSpec draft precision")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (math, humaneval)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--continuous", action="store_true",
+                   help="continuous batching (generate_many): --batch-size rows stay busy")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--humaneval-style", choices=("completion", "chat"), default="completion")
@@ -145,7 +147,7 @@ def run(args, load_engine=None) -> int:
         progress=not args.no_progress, batch_size=args.batch_size, temperature=args.temperature,
         seed=args.seed, process_index=args.process_index, process_count=args.process_count,
         humaneval_style=args.humaneval_style, exec_timeout=args.exec_timeout, seq_len=args.seq_len,
-        draft=args.draft,
+        draft=args.draft, continuous=args.continuous,
     )
     _report(summary, path, not args.no_plot)
     return 0

@@ -43,6 +43,7 @@ class FakeEngine:
         self.qspec_differs = set(qspec_differs)
         self.logits_kind = logits_kind
         self.generate_calls: list[tuple[str, int]] = []
+        self.many_calls: list[tuple[str, int, int]] = []
         self.logits_calls: list[tuple[str, tuple]] = []
         self._math = {p["question"]: p for p in load_problems()}
         self._he = {p["prompt"]: p for p in load_humaneval()}
@@ -114,6 +115,13 @@ class FakeEngine:
                          mean_tokens_per_step=(total - len(prompts)) / verify if verify else float("nan"),
                          verify_steps=verify)
         return GenerationResult(texts=texts, tokens=tokens, finish_reasons=reasons, stats=stats)
+
+    def generate_many(self, prompts, method="fp", max_new_tokens=64, temperature=0.0, seed=0,
+                      chat=True, *, batch_size=8, mode=None, gamma=3, **kw):
+        """Continuous batching: per item the same output as `generate` (as the real engine's)."""
+        self.many_calls.append((mode or method, len(prompts), batch_size))
+        return self.generate(prompts, mode or method, max_new_tokens, temperature, seed, chat,
+                             gamma=gamma, **kw)
 
     def logits(self, token_ids, precision="fp"):
         ids = np.asarray(token_ids, np.int32)

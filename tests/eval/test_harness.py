@@ -90,6 +90,15 @@ def test_qspec_mismatch_is_reported(tmp_path):
     assert s["comparisons"]["qspec_greedy_equality_violated"] is None
 
 
+def test_continuous_batching_groups_items_and_keeps_every_result(tmp_path):
+    static = _math_run(tmp_path, "static.json", limit=20, batch_size=2)[2]
+    eng, path, cont = _math_run(tmp_path, "cont.json", limit=20, batch_size=2, continuous=True)
+    # 20 items in groups of CONTINUOUS_GROUP * 2 = 16: two generate_many calls per mode, 2 rows
+    assert eng.many_calls == [(m, n, 2) for m in MODES for n in (16, 4)]
+    assert _core(cont)[0] == _core(static)[0] and _core(cont)[2] == _core(static)[2]
+    assert cont["config"]["continuous"] is True and "continuous" not in static["config"]
+
+
 def test_recovered_undefined_without_gap_or_modes(tmp_path):
     _, _, s = _math_run(tmp_path, modes=["w4a16", "qspec"], limit=3)
     assert s["comparisons"]["recovered"] is None
