@@ -73,12 +73,24 @@ def source_digest() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _platform_digest() -> str:
-    """The jax versions, devices, CPU flags and environment switches the trace may depend on."""
+def _platform() -> str:
+    """The jax versions, devices and CPU flags (fixed for the process)."""
     import jaxlib  # noqa: PLC0415
 
     from pallas_kernels import cpu_kernels  # noqa: PLC0415
 
+    parts = [
+        jax.__version__,
+        jaxlib.__version__,
+        jax.default_backend(),
+        repr([(d.platform, d.device_kind) for d in jax.devices()]),
+        repr(sorted(cpu_kernels._cpu_flags())),  # noqa: SLF001
+    ]
+    return "\n".join(parts)
+
+
+def _platform_digest() -> str:
+    """The platform and the environment switches the trace may depend on (read per call)."""
     env = sorted(
         (k, v)
         for k, v in os.environ.items()
@@ -92,15 +104,7 @@ def _platform_digest() -> str:
             "QSPEC_JAX_QUANT_CACHE",
         )
     )
-    parts = [
-        jax.__version__,
-        jaxlib.__version__,
-        jax.default_backend(),
-        repr([(d.platform, d.device_kind) for d in jax.devices()]),
-        repr(sorted(cpu_kernels._cpu_flags())),  # noqa: SLF001
-        repr(env),
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return hashlib.sha256((_platform() + "\n" + repr(env)).encode()).hexdigest()
 
 
 def _custom_call_targets() -> list[str]:
