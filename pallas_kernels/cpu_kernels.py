@@ -19,8 +19,9 @@ bfloat16: every kernel computes in float32. The attention kernels read a bfloat1
 (converted in registers, exactly); bfloat16 activations, queries and outputs (a few KB per call)
 are converted at the call boundary by XLA (``astype``: exact upward, round-to-nearest-even
 downward, elementwise), so a bfloat16 call returns exactly the float32 kernel's result on the
-converted inputs, rounded once, and keeps its row independence. Measured not to cost speed
-(docs/kernels.md, "bfloat16").
+converted inputs, rounded once, and keeps its row independence. In the compiled decode step
+XLA fuses these conversions into the elementwise ops next to the call (profiled:
+docs/kernels.md, "Where the bfloat16 step goes").
 
 The same library also holds ``csrc/hier_attention_cpu.cc``, the attention over QuantSpec's
 hierarchical KV cache (Python entry points in `pallas_kernels.cpu_attention`).

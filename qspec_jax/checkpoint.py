@@ -57,7 +57,7 @@ import numpy as np
 from qspec_jax.config import LlamaConfig, QuantConfig, RopeScaling
 from qspec_jax.loading.errors import LoadError, load_error
 from qspec_jax.model.params import LayerParams, Params, is_derived, stack_layers
-from qspec_jax.quant.format import QuantizedWeight
+from qspec_jax.quant.format import Q8_GROUP, Q8Head, QuantizedWeight
 
 FORMAT_VERSION = 1
 META_FILE = "qspec_checkpoint.json"
@@ -69,7 +69,10 @@ _CLASSES: dict[str, type] = {
     "Params": Params,
     "LayerParams": LayerParams,
     "QuantizedWeight": QuantizedWeight,
+    "Q8Head": Q8Head,
 }
+# Params fields a checkpoint may leave out (written before the field existed): None on load.
+_OPTIONAL_FIELDS = {"Params": ("head_q8",)}
 _TOP_KEYS = (
     "format", "format_version", "llama_config", "quant_config", "tree", "arrays",
     "tokenizer_source", "extra", "arrays_dir",
@@ -96,7 +99,7 @@ def _describe(node: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
         fields = {
             f.name: _describe(getattr(node, f.name), f"{prefix}{f.name}.", arrays)
             for f in dataclasses.fields(node)
-            if not is_derived(f)  # recomputed from the saved arrays (e.g. Params.head_q8)
+            if not is_derived(f)  # not weights (Params.mesh)
         }
         return {"type": cls.__name__, "fields": fields}
     if isinstance(node, (jax.Array, np.ndarray)):
@@ -264,6 +267,15 @@ def _check_against_config(file: str, cfg: LlamaConfig, qcfg: QuantConfig, tree: 
     elif not cfg.tie_embeddings:
         raise load_error(file, "array lm_head is missing but the config has untied embeddings",
                          "re-save the checkpoint")
+    if top.get("head_q8") is not None:
+        expect("head_q8.codes", (v, d))
+        expect("head_q8.scales", (v, d // Q8_GROUP))
+        for name, dt in (("codes", "int8"), ("scales", "float32")):
+            if arrays[f"head_q8.{name}"]["dtype"] != dt:
+                raise load_error(
+                    file, f"array head_q8.{name} has dtype {arrays[f'head_q8.{name}']['dtype']} "
+                    f"but must be {dt}", "re-save the checkpoint",
+                )
     lay = top["layers"]["fields"]
     qkv_n = cfg.q_size + 2 * cfg.kv_size
     if cfg.qkv_bias != (lay["bqkv"] is not None):
@@ -532,7 +544,8 @@ def _check_tree(file: str, node: Any, cls_name: str | None, prefix: str, names: 
                          f"{node['type']!r}", "re-save the checkpoint")
     fields = node["fields"]
     want = [f.name for f in dataclasses.fields(cls) if not is_derived(f)]
-    if not isinstance(fields, dict) or list(fields) != want:
+    older = [f for f in want if f not in _OPTIONAL_FIELDS.get(node["type"], ())]
+    if not isinstance(fields, dict) or list(fields) not in (want, older):
         raise load_error(
             file, f"tree node {prefix[:-1] or '<root>'!r} has fields "
             f"{list(fields) if isinstance(fields, dict) else fields!r}, expected {want}",
@@ -540,12 +553,13 @@ def _check_tree(file: str, node: Any, cls_name: str | None, prefix: str, names: 
         )
     for k, v in fields.items():
         if v is None:
-            if cls is Params and k != "lm_head" or cls is LayerParams and k != "bqkv" \
-                    or cls is QuantizedWeight and k != "mins":
+            if cls is Params and k not in ("lm_head", "head_q8") \
+                    or cls is LayerParams and k != "bqkv" \
+                    or cls is QuantizedWeight and k != "mins" or cls is Q8Head:
                 raise load_error(file, f"tree field {prefix}{k} is None but must be an array",
                                  "re-save the checkpoint")
             continue
-        sub = {"layers": "LayerParams"}.get(k) if cls is Params else None
+        sub = {"layers": "LayerParams", "head_q8": "Q8Head"}.get(k) if cls is Params else None
         if cls is LayerParams and k in LINEARS and v != "array":
             sub = "QuantizedWeight"
         if sub is None and v != "array":

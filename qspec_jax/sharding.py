@@ -468,8 +468,8 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
 def weight_bytes(params: Params) -> tuple[int, int]:
     """(total bytes of the weights, the largest bytes any one device holds of them).
 
-    Works on placed arrays and on `jax.ShapeDtypeStruct`s carrying a sharding; the derived
-    int8 head copy (`head_q8`) counts like any weight.
+    Works on placed arrays and on `jax.ShapeDtypeStruct`s carrying a sharding; the int8
+    head copy (`head_q8`) counts like any weight.
     """
     total, per_device = 0, {}
     for a in jax.tree_util.tree_leaves(params):

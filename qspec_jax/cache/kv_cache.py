@@ -135,7 +135,17 @@ def write_layer(
     )
 
     def put(c, new):  # c [layers, batch, capacity, kv_heads, hd], new [batch, t, kv_heads, hd]
-        return c.at[layer, rows, positions].set(new.astype(c.dtype), mode="drop")
+        new = new.astype(c.dtype)
+        if c.dtype.itemsize != 2 or not jnp.issubdtype(c.dtype, jnp.floating):
+            return c.at[layer, rows, positions].set(new, mode="drop")
+        # A 16-bit float cache is scattered as its uint16 bits (the same values, bit for bit):
+        # XLA:CPU has no bfloat16 scatter, so it converted the whole layer-stacked cache to
+        # float32 and back around every layer's write (2 x L full-cache passes per step, for
+        # SmolLM2 in bfloat16 more time than the rest of the step; docs/kernels.md).
+        bits = jax.lax.bitcast_convert_type(c, jnp.uint16)  # [layers, batch, capacity, kvh, hd]
+        new_bits = jax.lax.bitcast_convert_type(new, jnp.uint16)  # [batch, t, kv_heads, hd]
+        out = bits.at[layer, rows, positions].set(new_bits, mode="drop")
+        return jax.lax.bitcast_convert_type(out, c.dtype)
 
     return put(cache_k, k), put(cache_v, v)
 

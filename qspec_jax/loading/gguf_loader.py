@@ -37,7 +37,7 @@ from pallas_kernels.int4 import check_packable, pack_int4
 from qspec_jax.config import LlamaConfig, QuantConfig, RopeScaling
 from qspec_jax.loading.errors import load_error
 from qspec_jax.model.params import LayerParams, Params
-from qspec_jax.quant.format import QuantizedWeight
+from qspec_jax.quant.format import QuantizedWeight, q8_head_from_float
 
 __all__ = [
     "GGUF_INT4_QUANT",
@@ -553,6 +553,8 @@ def load_gguf(
     Returns:
         ``(cfg, params, quant)``: quant is ``QuantConfig(method="none")`` for float params and
         ``QuantConfig(method="gguf", group_size=32, symmetric=False)`` with `keep_int4`.
+        ``params.head_q8`` holds the head's int8 codes when the file's head (or tied
+        embedding) lies on the Q8_0 grid, whatever `dtype` is (`Params.head_q8`).
 
     Raises:
         LoadError: missing, truncated or corrupt file; an architecture other than 'llama';
@@ -574,11 +576,16 @@ def load_gguf(
     tensors = _Tensors(path, reader)
 
     d, v = cfg.hidden_size, cfg.vocab_size
-    embed = tensors.dequant("token_embd.weight", (v, d)).astype(np_dtype)
+    embed32 = tensors.dequant("token_embd.weight", (v, d))  # [V, D] float32
+    head32 = embed32 if cfg.tie_embeddings else tensors.dequant("output.weight", (v, d))
+    # A Q8_0 head's int8 codes, found in the float32 values before the cast: in bfloat16 the
+    # head is off the grid, and without the codes it would run on the float head (7x slower
+    # on CPU; docs/kernels.md, "bfloat16 against float32, measured").
+    head_q8 = q8_head_from_float(head32)  # None unless the file's head is on the Q8_0 grid
+    embed = embed32.astype(np_dtype)
     final_norm = tensors.dequant("output_norm.weight", (d,)).astype(np_dtype)
-    lm_head = None
-    if not cfg.tie_embeddings:
-        lm_head = tensors.dequant("output.weight", (v, d)).T.astype(np_dtype)
+    lm_head = None if cfg.tie_embeddings else head32.T.astype(np_dtype)
+    del embed32, head32
 
     stacks = _stack_float(tensors, cfg, np_dtype, keep=keep_int4)
     if keep_int4:
@@ -604,5 +611,6 @@ def load_gguf(
         layers=layers,
         final_norm=arr(final_norm),
         lm_head=None if lm_head is None else arr(lm_head),
+        head_q8=head_q8,
     )
     return cfg, params, quant

@@ -52,9 +52,15 @@ class Params:
             per-layer LayerParams without the layer axis (run unrolled; see `unstack_layers`).
         final_norm: [D] final RMSNorm scale.
         lm_head: [D, V] float LM head, or None when tied to `embed`.
-        head_q8: the same head as int8 codes on its exact Q8_0 grid (`attach_q8_head`), or None.
-            Derived from the float head, never stored in checkpoints (`DERIVED`); whatever
-            replaces `embed` / `lm_head` must drop it (`params.replace(..., head_q8=None)`).
+        head_q8: the head as int8 codes on its exact Q8_0 grid, or None. Set by the GGUF loader
+            from the file's float32 values before they are cast to the model dtype, so a
+            bfloat16 model keeps it too (`qspec_jax.loading.gguf_loader.load_gguf`), or found
+            afterwards in a float32 head (`attach_q8_head`). In float32 it holds exactly the
+            float head's values; in bfloat16 it holds the file's values and the float head
+            their bfloat16 rounding (the CPU LM head kernel reads the codes, so every mode
+            there uses the file's values). Saved in checkpoints (the quantized-weight cache
+            too), since a bfloat16 head cannot give it back; whatever replaces `embed` /
+            `lm_head` must drop it (`params.replace(..., head_q8=None)`).
         mesh: the `jax.sharding.Mesh` of tensor-parallel params (`qspec_jax.sharding.shard_params`:
             head-consistent layout; `forward` then runs under `shard_map`), or None. Static (in
             the pytree structure, not a leaf) and never stored in checkpoints.
@@ -64,7 +70,7 @@ class Params:
     layers: LayerParams
     final_norm: jnp.ndarray
     lm_head: jnp.ndarray | None = None
-    head_q8: Q8Head | None = struct.field(default=None, metadata={"derived": True})
+    head_q8: Q8Head | None = None
     mesh: Any = struct.field(pytree_node=False, default=None, metadata={"derived": True})
 
 
@@ -82,8 +88,10 @@ def attach_q8_head(params: Params) -> Params:
     """`params` with `head_q8` set when the float head lies exactly on the Q8_0 grid.
 
     True of every model loaded from a GGUF whose head (or tied embedding) is Q8_0, like the
-    shipped SmolLM2 file; False after a rotation (QuaRot) or for most float checkpoints, which
-    keep the float head. Costs one pass over the head (0.30 s for SmolLM2, median of 3,
+    shipped SmolLM2 file (whose loader already sets it, in any dtype); False after a rotation
+    (QuaRot), for most float checkpoints, which keep the float head, and for any head not in
+    float32 (a bfloat16 head is off the grid: only the loader, which still has the float32
+    values, can keep the codes). Costs one pass over the head (0.30 s for SmolLM2, median of 3,
     measured 2026-11-23 on the 2-core development machine).
     """
     if params.head_q8 is not None:

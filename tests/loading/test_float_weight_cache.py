@@ -39,3 +39,26 @@ def test_second_float_load_reads_the_checkpoint_not_the_gguf(tmp_path, monkeypat
     monkeypatch.setenv(disk_cache.ENV_QUANT, "0")
     with pytest.raises(AssertionError, match="GGUF file was read"):
         qspec_jax.load(path, progress=False)
+
+
+def test_bfloat16_first_and_cached_loads_agree(tmp_path, monkeypatch, tiny_gguf):
+    """bfloat16 with the file's int4 codes: the Q8_0 head is in the first load and in the cached
+    one, and the two hold the same pytree of the same arrays (so the same programs give the
+    same tokens; greedy QSpec == W4A16 in bfloat16 is tests/test_bfloat16.py's)."""
+    import qspec_jax
+    import qspec_jax.engine
+    from qspec_jax import disk_cache
+
+    monkeypatch.setenv(disk_cache.ENV_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(disk_cache.ENV_QUANT, raising=False)
+    monkeypatch.setattr(qspec_jax.engine, "_tokenizer", lambda source, use_cache: None)
+    path = tiny_gguf.write(tmp_path / "tiny.gguf", tiny_gguf.weights(seed=4))
+    first = qspec_jax.load(path, quant="gguf", dtype="bfloat16", progress=False)
+    second = qspec_jax.load(path, quant="gguf", dtype="bfloat16", progress=False)
+    assert (first.load_info["quant_cache"], second.load_info["quant_cache"]) == ("written", "hit")
+    assert first.params.head_q8 is not None and second.params.head_q8 is not None
+    (la, ta), (lb, tb) = (jax.tree_util.tree_flatten(e.params) for e in (first, second))
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -279,3 +279,56 @@ def test_gguf_weights_are_cached_like_quantized_ones(tmp_path, monkeypatch, tiny
         second.generate(ids, mode="w4a16", max_new_tokens=6).tokens
         == first.generate(ids, mode="w4a16", max_new_tokens=6).tokens
     )
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_bfloat16_keeps_the_q8_0_head(tmp_path, tiny_gguf, tie):
+    """The file's Q8_0 head survives a bfloat16 load and a checkpoint round trip.
+
+    The loader finds the int8 codes on the file's float32 values before casting (a bfloat16
+    head is off the grid), so both dtypes hold the same codes; in float32 they are the float
+    head exactly, in bfloat16 the float head is their bfloat16 rounding.
+    """
+    import jax.numpy as jnp
+
+    from qspec_jax.checkpoint import load_quantized, save_quantized
+    from qspec_jax.model.params import float_head
+
+    path = tiny_gguf.write(tmp_path / "t.gguf", tiny_gguf.weights(seed=3, tie=tie))
+    _, pf, _ = load_gguf(path)
+    cfg, pb, quant = load_gguf(path, dtype="bfloat16", keep_int4=True)
+    assert cfg.tie_embeddings == tie and pf.head_q8 is not None and pb.head_q8 is not None
+    for name in ("codes", "scales"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(pb.head_q8, name)), np.asarray(getattr(pf.head_q8, name))
+        )
+    np.testing.assert_array_equal(np.asarray(pf.head_q8.dequantize()), np.asarray(float_head(pf).T))
+    head16 = np.asarray(float_head(pb).T)  # [V, D] bfloat16
+    np.testing.assert_array_equal(np.asarray(pb.head_q8.dequantize(jnp.bfloat16)), head16)
+    # saved, not recomputed (a bfloat16 head could not give it back)
+    ck = save_quantized(tmp_path / "ck", cfg, pb, quant, None)
+    _, back, _, _ = load_quantized(ck)
+    assert back.head_q8 is not None
+    for name in ("codes", "scales"):
+        got, want = getattr(back.head_q8, name), getattr(pb.head_q8, name)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_checkpoint_without_head_q8_still_loads(tmp_path, tiny_file):
+    """A checkpoint written before `Params.head_q8` was saved (no such field) loads, head None."""
+    import json
+
+    from qspec_jax.checkpoint import META_FILE, load_quantized, save_quantized
+
+    path, _ = tiny_file
+    cfg, p, quant = load_gguf(path, keep_int4=True)
+    ck = save_quantized(tmp_path / "ck", cfg, p.replace(head_q8=None), quant, None)
+    meta_path = os.path.join(ck, META_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    assert meta["tree"]["fields"].pop("head_q8") is None  # the older writer's tree
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    _, back, _, _ = load_quantized(ck)
+    assert back.head_q8 is None
