@@ -9,7 +9,9 @@ linears of a decoder block (wqkv [576, 960], wo [576, 576], gate_up [576, 3072],
 w_down [1536, 576]) on M rows, the way `qspec_jax.model.linear.linear` calls them in precision
 "fp": impl "xla" is XLA's dot (`jnp.einsum`), impl "cpu" the registry's "float_linear" CPU
 kernel (`pallas_kernels.cpu_kernels.float_linear_cpu`), impl "head" the LM head's "float_matmul"
-kernel (`pallas_kernels.cpu_kernels.float_head_cpu`). The layers' weights (425 MB in float32) do not fit
+kernel (`pallas_kernels.cpu_kernels.float_head_cpu`), impl "w4a16" the same linears of the int4
+copy (`.draft`) through the registry's W4A16 matmul (what a QuantSpec draft token runs; its
+GB/s column still divides the float bytes). The layers' weights (425 MB in float32) do not fit
 the 32 MB L3, so every call streams them from memory as decoding does. Prints the median (and min) ms of
 --repeats calls (the cases interleaved), the cost of M rows relative to one row, and the GB/s of weight bytes read.
 Not a test.
@@ -33,6 +35,9 @@ def _layer_fn(impl: str):
     def mm(x, w):
         if impl == "xla":
             return jnp.einsum("mk,kn->mn", x, w.astype(x.dtype))  # [M, N]
+        if impl == "w4a16":  # the int4 draft copy's W4A16 kernel (registry auto), for comparison
+            y = dispatch.w4a16_matmul(x, w.packed, w.scales, w.mins)  # [M, N]
+            return y.astype(x.dtype)
         if impl == "head":  # the LM head's kernel (cpu_kernels.float_head_cpu)
             return dispatch.float_matmul(x, w, impl="cpu").astype(x.dtype)  # [M, N]
         return dispatch.float_linear(x, w, impl="cpu")  # [M, N] (cpu_kernels.float_linear_cpu)
@@ -73,6 +78,8 @@ def main() -> None:
     if not isinstance(lps, tuple):
         raise NotImplementedError("expected the engine's unstacked (per-layer) CPU layout")
     base = [(lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down) for lp in lps]  # [K, N] each
+    dlps = model.params.draft.layers  # the int4 copy (QuantizedWeight), per layer
+    draft = tuple((lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down) for lp in dlps)
     del model
     rng = np.random.default_rng(0)
     results = []
@@ -86,20 +93,21 @@ def main() -> None:
             run = _layer_fn(impl)
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, base[0][0].shape[0])), dtype)  # [M, D]
-                run(x, layers).block_until_ready()
-                cases.append((impl, m, run, x))
-        times = {(impl, m): [] for impl, m, _, _ in cases}
+                ws = draft if impl == "w4a16" else layers
+                run(x, ws).block_until_ready()
+                cases.append((impl, m, run, x, ws))
+        times = {(impl, m): [] for impl, m, *_ in cases}
         for _ in range(args.repeats):  # interleaved: a shared machine's drifts hit every case
-            for impl, m, run, x in cases:
+            for impl, m, run, x, ws in cases:
                 t0 = time.perf_counter()
-                run(x, layers).block_until_ready()
+                run(x, ws).block_until_ready()
                 times[impl, m].append(time.perf_counter() - t0)
-        for impl, m, _, _ in cases:
+        for impl, m, *_ in cases:
             ts = times[impl, m]
             ms, ms_min = 1e3 * float(np.median(ts)), 1e3 * min(ts)
             one = 1e3 * float(np.median(times[impl, 1])) if (impl, 1) in times else None
             rel = ms / one if one else None
-            gbs = nbytes / (ms * 1e-3) / 1e9
+            gbs = nbytes / (ms * 1e-3) / 1e9  # the float weights' bytes (also for w4a16)
             print(
                 f"{dt:9s} {impl:4s} M={m}: median {ms:7.2f} ms (min {ms_min:7.2f})  "
                 f"x{rel:.2f} of M=1  {gbs:5.2f} GB/s of {nbytes / 1e6:.0f} MB",
