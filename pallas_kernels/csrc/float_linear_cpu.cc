@@ -6,16 +6,18 @@
 // Decoding is bound by reading the weights (SmolLM2-135M: 425 MB of float32 linears a token,
 // far beyond the L3), so gamma + 1 rows should cost about one row. XLA:CPU's float32 dot was
 // measured at 1.85x one row for 4 rows (experiments/micro_float_linear.py), its bfloat16 dot
-// at 0.5 GB/s. This kernel reads each weight once from memory for up to 4 rows (register
-// accumulators over blocks of 16 rows of w, walked left to right so the reads stream), a
-// later block of x rows re-reads the same few weights from L1.
+// at 0.5 GB/s. This kernel streams w row by row (as XLA's matrix-vector product reads it), each
+// weight read once from memory for all M rows, the partial sums kept in the output (L1 / L2).
+// It runs on the calling thread only: spread over XLA's thread pool (ParallelFor) the same loop
+// was measured 2-4x slower on the loaded 2-core development machine (docs/results.md, "Float
+// linears for the float verifier"); on a quiet machine two threads may pay (not done).
 //
 // Row independence: per output element the operation sequence is acc = 0, then
-// acc = fma(x[m, k], w[k, n], acc) for k = 0 .. K-1 in order, in the element's own SIMD lane,
-// (partial sums stored to out and reloaded between blocks of k: exact). Nothing depends on M,
-// on the row block the row falls in or on the thread, so one row's result is bit-identical whatever other rows share the
-// call (QuantSpec's gamma + 1 verification rows see exactly what autoregressive decoding's one
-// row sees). It is the float head's sequence too (q8_head_cpu.cc, QspecFloatHead). bfloat16
+// acc = fma(x[m, k], w[k, n], acc) for k = 0 .. K-1 in order, in the element's own SIMD lane
+// (partial sums stored to out and reloaded between groups of k: exact). Nothing depends on M or
+// on the group size used for M, so one row's result is bit-identical whatever other rows share
+// the call (QuantSpec's gamma + 1 verification rows see exactly what autoregressive decoding's
+// one row sees). It is the float head's sequence too (q8_head_cpu.cc, QspecFloatHead). bfloat16
 // weights are converted in registers (exactly). Built with -ffp-contract=off (see int4_cpu.cc).
 
 #include <immintrin.h>
@@ -23,12 +25,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using qspec_cpu::ParallelFor;
 
 namespace {
 
@@ -70,8 +70,9 @@ void Columns(const float* x, int64_t m, int64_t k, const W* w, int64_t n, int64_
              int64_t c1, float* out) {
   for (int64_t r = 0; r < m; ++r) std::fill(out + r * n + c0, out + r * n + c1, 0.0f);
   int64_t d = 0;
-  // One or two rows: one row of w at a time (measured faster); more: kRowGroup rows of w per
-  // pass (fewer loads and stores of the partial sums). The per-element sequence is the same.
+  // One or two rows: one row of w at a time (faster in one noisy measurement); more: kRowGroup
+  // rows of w per pass (fewer loads and stores of the partial sums). The per-element sequence
+  // is the same either way.
   if (m > 2)
     for (; d + kRowGroup <= k; d += kRowGroup) RowGroup<kRowGroup>(x, m, k, d, w, n, c0, c1, out);
   for (; d < k; ++d) RowGroup<1>(x, m, k, d, w, n, c0, c1, out);
@@ -80,8 +81,7 @@ void Columns(const float* x, int64_t m, int64_t k, const W* w, int64_t n, int64_
 template <typename W>
 void FloatLinear(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m,
                  int64_t k, int64_t n) {
-  // Contiguous column ranges (ParallelFor's chunks: about two per thread, >= 4 tiles each).
-  (void)pool;
+  (void)pool;  // one thread (see the top of this file)
   Columns(x, m, k, w, n, 0, n, out);
 }
 
