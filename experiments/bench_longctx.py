@@ -30,6 +30,7 @@ plot (tokens/s against gamma, one panel per dtype and context) next to it.
     python -m experiments.bench_longctx [--contexts 1024,2048,4096,8000] [--gammas 1,2,3,4,5,6]
         [--dtypes float32,bfloat16] [--new-tokens 32] [--rounds 3] [--residual 128]
         [--modes fp-float,fp-hier,w4a16-float,quantspec-fp]
+    python -m experiments.bench_longctx --merge a.json,b.json --out combined.json  # table+plot
 """
 
 from __future__ import annotations
@@ -176,7 +177,21 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64, help="for quantizers other than gguf")
     ap.add_argument("--modes", default="fp-float,fp-hier,w4a16-float,quantspec-fp")
     ap.add_argument("--out", default="experiments/results/bench_longctx.json")
+    ap.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated result JSONs of runs made in parts: print their rows' table and "
+        "plot them together to --out's PNG (runs nothing)",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = []
+        for path in args.merge.split(","):
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        _table(rows)
+        _plot(args.out, rows)
+        return 0
     import dataclasses
     import statistics
 

@@ -12,6 +12,8 @@ next to the multiply, on the calling thread plus XLA's intra-op thread pool:
 * `q8_matmul_cpu` (``csrc/q8_head_cpu.cc``): float32 x times an int8 matrix in GGUF's Q8_0
   layout, the LM head when the model's head lies on that grid (`Params.head_q8`);
 * `float_head_cpu` (same file): x times a float32 / bfloat16 matrix, the LM head otherwise;
+* `float_linear_cpu` (``csrc/float_linear_cpu.cc``): x times a float32 / bfloat16 weight, the
+  float linears of a decode or verification step (each weight read once for up to 4 rows);
 * `attention_cpu` (``csrc/attention_cpu.cc``): decode-time causal attention of a few queries
   per sequence over the float32 or bfloat16 KV cache, reading only the live keys.
 
@@ -63,7 +65,13 @@ CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # below in TARGETS).
 SOURCES = tuple(
     os.path.join(CSRC, name)
-    for name in ("int4_cpu.cc", "q8_head_cpu.cc", "attention_cpu.cc", "hier_attention_cpu.cc")
+    for name in (
+        "int4_cpu.cc",
+        "q8_head_cpu.cc",
+        "float_linear_cpu.cc",
+        "attention_cpu.cc",
+        "hier_attention_cpu.cc",
+    )
 )
 HEADERS = tuple(os.path.join(CSRC, name) for name in ("parallel.h", "simd.h", "w4ax_body.inc"))
 FLAGS = (
@@ -82,6 +90,7 @@ TARGETS = {
     "qspec_w4ax_f32_int4": "QspecW4AXF32Int4",
     "qspec_q8_head": "QspecQ8Head",
     "qspec_float_head": "QspecFloatHead",
+    "qspec_float_linear": "QspecFloatLinear",  # csrc/float_linear_cpu.cc
     "qspec_attention_f32": "QspecAttentionF32",
     "qspec_hier_attention": "QspecHierAttention",  # csrc/hier_attention_cpu.cc
 }
@@ -412,6 +421,44 @@ def float_head_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call("qspec_float_head", jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32))(
         x.astype(jnp.float32), w
     )  # [M, V]
+
+
+FLOAT_LINEAR_COLS = 16  # N must be a multiple
+
+
+def float_linear_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for a float linear layer w [K, N] (csrc/float_linear_cpu.cc, ``QspecFloatLinear``).
+
+    Args:
+      x: activations [M, K], float32 or bfloat16 (computed in float32).
+      w: the weight [K, N], float32 or bfloat16 (read as it is; bfloat16 converted in registers).
+
+    Returns:
+      float32 [M, N]; every output by the same operation sequence whatever M (acc = 0, then one
+      FMA per k in order, as `float_head_cpu`), unlike XLA's dot; up to 4 rows share each read of
+      the weights.
+
+    Raises:
+      NotImplementedError: N not a multiple of 16, another dtype, or the kernels unavailable.
+    """
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    m, k = x.shape
+    floats = (jnp.float32, jnp.bfloat16)
+    if (
+        w.ndim != 2
+        or w.shape[0] != k
+        or w.shape[1] % FLOAT_LINEAR_COLS
+        or x.dtype not in floats
+        or w.dtype not in floats
+    ):
+        raise NotImplementedError(
+            f"float linear cpu kernel: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (float32 or "
+            f"bfloat16, N a multiple of {FLOAT_LINEAR_COLS})"
+        )
+    return jax.ffi.ffi_call(
+        "qspec_float_linear", jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32)
+    )(x.astype(jnp.float32), w)  # [M, N]
 
 
 def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:

@@ -150,6 +150,36 @@ def _bf16_head_on_cpu_kernels(call: Call) -> str | None:
     return None
 
 
+def _float_linear_shapes(call: Call) -> str | None:
+    """What the float linear CPU kernel covers: float32 / bfloat16, N a multiple of 16, and the
+    kernels built (a forced "cpu" outside it runs XLA's dot, the op's reference)."""
+    x, w = call.args[0], call.args[1]
+    if jnp.dtype(x.dtype) not in _CPU_FLOATS or jnp.dtype(w.dtype) not in _CPU_FLOATS:
+        return f"the CPU kernel takes float32 or bfloat16 ({x.dtype} x, {w.dtype} w)"
+    if w.ndim != 2 or w.shape[1] % 16:
+        return f"the CPU kernel needs w [K, N] with N a multiple of 16 ({w.shape})"
+    from pallas_kernels import cpu_kernels  # noqa: PLC0415
+
+    if not cpu_kernels.available():
+        return f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}"
+    return None
+
+
+def _float_linear_on_cpu_kernels(call: Call) -> str | None:
+    """The float linear kernel under auto: decode-time calls (at most DECODE_QUERY_ROWS rows per
+    sequence, so a step's one row and verification's gamma + 1 rows both take it) on one device,
+    float32 or bfloat16. A prompt's prefill keeps XLA's GEMM (faster for hundreds of rows)."""
+    if _on_cpu_kernels(call):
+        return _on_cpu_kernels(call)
+    x = call.args[0]
+    t = x.shape[-2] if x.ndim >= 2 else 1
+    if t > DECODE_QUERY_ROWS:
+        return f"{t} rows per sequence > DECODE_QUERY_ROWS ({DECODE_QUERY_ROWS}): XLA's GEMM"
+    if jax.device_count() > 1:
+        return "several devices: XLA's path (as the attention kernels)"
+    return None
+
+
 def _hier_q_index(call: Call) -> int:
     return 1 if call.op == "hier_cache_attention" else 0
 
@@ -530,6 +560,15 @@ def _register_ops() -> None:
         doc="x @ w for a float matrix (the float LM head), float32 out, rows independent on CPU",
     ))  # fmt: skip
     reg(Op(
+        "float_linear",
+        [Implementation("cpu", _float_linear_cpu, supports=_float_linear_shapes,
+                        prefer=_float_linear_on_cpu_kernels),
+         Implementation("xla", float_linear_xla)],
+        # No Pallas kernel: any forced name without a kernel runs XLA's dot.
+        forced_to_reference=frozenset(IMPLS),
+        doc="x @ w for a float linear layer (precision fp), x.dtype out, rows independent on CPU",
+    ))  # fmt: skip
+    reg(Op(
         "lm_head",
         [Implementation("cpu", _lm_head_cpu, supports=_q8_codes_present, prefer=_on_cpu_kernels),
          Implementation("xla", _lm_head_xla)],
@@ -839,6 +878,39 @@ def float_matmul(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
     x2, lead = _rows(x)  # [M, D]
     out = registry.run("float_matmul", x2, w, impl=impl)  # [M, V]
     return out.reshape(*lead, out.shape[-1])
+
+
+def float_linear_xla(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Reference for `float_linear`: XLA's dot in x's dtype (what precision "fp" always ran)."""
+    return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))  # [..., N]
+
+
+def _float_linear_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    from pallas_kernels import cpu_kernels  # noqa: PLC0415
+
+    x2, lead = _rows(x)  # [M, K]
+    out = cpu_kernels.float_linear_cpu(x2, w)  # [M, N] float32
+    return out.astype(x.dtype).reshape(*lead, out.shape[-1])
+
+
+def float_linear(x: jax.Array, w: jax.Array, *, impl: Impl = None) -> jax.Array:
+    """``x @ w`` for a float (non-quantized) linear weight w [K, N]: precision "fp"'s matmul.
+
+    On a CPU backend with the kernels, for decode-time calls (at most `DECODE_QUERY_ROWS` rows
+    per sequence) on one device, or whenever impl is "cpu", this is
+    `cpu_kernels.float_linear_cpu`: rows independent of each other (a verification block's rows
+    equal autoregressive decoding's one row bit for bit) and the weights read once for up to 4
+    rows. Elsewhere (a prompt's prefill, GPU, several devices) XLA's dot, `float_linear_xla`.
+
+    Args:
+      x: float activations [..., K] (float32 or bfloat16 for the CPU kernel).
+      w: float32 or bfloat16 [K, N].
+      impl: None (auto), "xla" or "cpu" (no Pallas kernel: other names run XLA's dot).
+
+    Returns:
+      [..., N] in x.dtype (the CPU kernel accumulates in float32 and rounds once).
+    """
+    return registry.run("float_linear", x, w, impl=impl)
 
 
 def lm_head(

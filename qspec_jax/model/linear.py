@@ -7,7 +7,9 @@ A weight is either a float array (the unquantized model, precision "fp") or a `Q
 * "w4a4" / "w4a8": activations quantized to int4 / int8 (per token or per group), integer dot
   with int32 accumulation, scales applied in the epilogue (the drafter).
 
-`pallas_kernels.dispatch` picks the Pallas kernel on GPU and the XLA reference elsewhere.
+`pallas_kernels.dispatch` picks the Pallas kernel on GPU, the CPU kernel on CPU and the XLA
+reference elsewhere; float weights go through its "float_linear" op (a row-independent CPU
+kernel for decode-time rows, XLA's dot otherwise).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ def linear(
                 f"precision {precision!r} needs int4 weights, but this model holds float weights; "
                 "load it with quant=... to quantize"
             )
-        return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
+        from pallas_kernels import dispatch  # noqa: PLC0415 (kernels import lazily)
+
+        # The registry's "float_linear": on CPU a row-independent kernel that reads the weights
+        # once for up to 4 rows (decode and verification steps), else XLA's dot.
+        return dispatch.float_linear(x, w, impl=impl)  # [..., N] in x.dtype
 
     from pallas_kernels import dispatch  # noqa: PLC0415 (kernels import lazily: keeps import light)
 

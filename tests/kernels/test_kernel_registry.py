@@ -90,7 +90,7 @@ def test_every_op_ends_with_its_reference():
     chains = dispatch.describe()
     for name in (
         "w4a16_matmul", "w4ax_matmul", "quantize_w4ax_matmul", "quantize_activations",
-        "rmsnorm_quantize", "hadamard_transform", "q8_matmul", "lm_head", "attention",
+        "rmsnorm_quantize", "hadamard_transform", "q8_matmul", "float_linear", "lm_head", "attention",
         "hier_attention", "hier_cache_attention", "prefill",
     ):  # fmt: skip
         op = registry.get(name)
