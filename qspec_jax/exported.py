@@ -129,10 +129,27 @@ class Program:
     compiled: Callable[..., Any]
     out_tree: Any
     source: str
+    donated: tuple[int, ...] = ()
 
     def __call__(self, *args):
-        """Runs the program on `args` (the same tree and shapes it was built for)."""
-        out = self.compiled(*jax.tree_util.tree_leaves(args))
+        """Runs the program on `args` (the same tree and shapes it was built for).
+
+        A buffer that appears in several donated leaves (a fresh cache may hold one zero
+        array in several fields) is copied for all but its first use: XLA refuses to take
+        one buffer twice. (A traced program drops the arguments it never reads; an exported
+        program keeps every argument, so it meets such duplicates.)
+        """
+        leaves = jax.tree_util.tree_leaves(args)
+        seen = set()
+        for i in self.donated:
+            try:
+                ptr = leaves[i].unsafe_buffer_pointer()
+            except Exception:  # noqa: BLE001 (not a single-device array: nothing to dedupe)
+                continue
+            if ptr in seen:
+                leaves[i] = jax.device_put(leaves[i], leaves[i].sharding, may_alias=False)
+            seen.add(ptr)
+        out = self.compiled(*leaves)
         return jax.tree_util.tree_unflatten(self.out_tree, out)
 
 
@@ -251,7 +268,7 @@ def compile_program(
             .lower(*leaves)
             .compile()
         )
-        return Program(compiled, out_tree, source)
+        return Program(compiled, out_tree, source, donate_leaves)
 
     if os.path.exists(path):
         try:

@@ -89,3 +89,15 @@ def test_switched_off(tmp_path, monkeypatch):
     assert exported.compile_program(step, _args(), {"power": 3}, name="t",
                                     directory=str(tmp_path)) is None  # fmt: skip
     assert not os.listdir(tmp_path)
+
+
+def test_one_buffer_in_two_donated_leaves(tmp_path):
+    """A fresh cache may hold one zero array in several fields; the program still runs."""
+    zeros = jnp.zeros(4)
+    args = (Box(zeros), zeros)  # the same buffer twice, both donated
+    program = exported.compile_program(
+        step, args, {"power": 2}, name="t", donate=(0, 1), directory=str(tmp_path)
+    )
+    box, total = program(*args)
+    np.testing.assert_array_equal(box.values, jnp.zeros(4))  # 0 + 0 * 0 * 2
+    np.testing.assert_array_equal(total, 0.0)
