@@ -386,6 +386,27 @@ def q8_matmul_cpu(x: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Arra
     )  # [M, V]
 
 
+def _float_matmul_ffi(target: str, what: str, dim: str, cols: int, x, w) -> jax.Array:
+    """The float FFI matmuls' shared checks and call: x [M, K] @ w [K, N] -> float32 [M, N]."""
+    if not available():
+        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
+    m, k = x.shape
+    floats = (jnp.float32, jnp.bfloat16)
+    if (
+        w.ndim != 2
+        or w.shape[0] != k
+        or w.shape[1] % cols
+        or x.dtype not in floats
+        or (w.dtype not in floats)
+    ):
+        raise NotImplementedError(
+            f"{what} cpu kernel: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (float32 or "
+            f"bfloat16, {dim} a multiple of {cols})"
+        )
+    out = jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(target, out)(x.astype(jnp.float32), w)  # [M, N]
+
+
 FLOAT_HEAD_COLS = 16  # V must be a multiple
 
 
@@ -403,24 +424,7 @@ def float_head_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
     Raises:
       NotImplementedError: V not a multiple of 16, another dtype, or the kernels unavailable.
     """
-    if not available():
-        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
-    m, d = x.shape
-    floats = (jnp.float32, jnp.bfloat16)
-    if (
-        w.ndim != 2
-        or w.shape[0] != d
-        or w.shape[1] % FLOAT_HEAD_COLS
-        or x.dtype not in floats
-        or w.dtype not in floats
-    ):
-        raise NotImplementedError(
-            f"float head cpu kernel: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (float32 or "
-            f"bfloat16, V a multiple of {FLOAT_HEAD_COLS})"
-        )
-    return jax.ffi.ffi_call("qspec_float_head", jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32))(
-        x.astype(jnp.float32), w
-    )  # [M, V]
+    return _float_matmul_ffi("qspec_float_head", "float head", "V", FLOAT_HEAD_COLS, x, w)  # [M, V]
 
 
 FLOAT_LINEAR_COLS = 16  # N must be a multiple
@@ -441,24 +445,7 @@ def float_linear_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
     Raises:
       NotImplementedError: N not a multiple of 16, another dtype, or the kernels unavailable.
     """
-    if not available():
-        raise NotImplementedError(f"CPU kernels unavailable: {unavailable_reason()}")
-    m, k = x.shape
-    floats = (jnp.float32, jnp.bfloat16)
-    if (
-        w.ndim != 2
-        or w.shape[0] != k
-        or w.shape[1] % FLOAT_LINEAR_COLS
-        or x.dtype not in floats
-        or w.dtype not in floats
-    ):
-        raise NotImplementedError(
-            f"float linear cpu kernel: x {x.shape} {x.dtype}, w {w.shape} {w.dtype} (float32 or "
-            f"bfloat16, N a multiple of {FLOAT_LINEAR_COLS})"
-        )
-    return jax.ffi.ffi_call(
-        "qspec_float_linear", jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32)
-    )(x.astype(jnp.float32), w)  # [M, N]
+    return _float_matmul_ffi("qspec_float_linear", "float linear", "N", FLOAT_LINEAR_COLS, x, w)
 
 
 def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:
