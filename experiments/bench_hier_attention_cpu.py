@@ -223,7 +223,6 @@ def main() -> int:
         read_bw_buffer_bytes=bw_bytes,
         read_bw_1thread_gb_per_s=bw_bytes / med_bw[1] / 1e9,
         read_bw_2threads_gb_per_s=bw_bytes / med_bw[2] / 1e9,
-        load="shared 2-core VM, other engineers' jobs running (see loadavg)",
     )  # fmt: skip
     write_json(args.out, dict(meta=meta, rows=rows))
     print(f"wrote {args.out}")

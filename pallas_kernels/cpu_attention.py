@@ -124,6 +124,14 @@ def hier_attention_cpu_stacked(
             f"hier attention cpu kernel: head_dim {s.hd} must be a multiple of 32, <= 256"
         )
     dummy = jnp.zeros((1,), jnp.uint8)
+    if k_buf.dtype == jnp.bfloat16:
+        # bfloat16 buffers go in as their uint16 bits (the kernel reads them as bfloat16): then
+        # every use of the layer-stacked buffer inside the model's layer loop (this read, and
+        # `kv_cache.write_layer`'s uint16 write) is a uint16 view, and XLA:CPU keeps it so
+        # across the loop instead of a bitcast fusion copying the whole buffer at every
+        # layer's write (60 copies per token, half of a bfloat16 decode token at 1k).
+        k_buf = jax.lax.bitcast_convert_type(k_buf, jnp.uint16)  # [L, B, NB, kvh, hd]
+        v_buf = jax.lax.bitcast_convert_type(v_buf, jnp.uint16)
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((s.b, s.t, s.h * s.hd), jnp.float32))(
         jnp.asarray(layer, jnp.int32).reshape(()),
         q.astype(jnp.float32),

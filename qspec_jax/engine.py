@@ -104,6 +104,20 @@ class StreamEvent:
 
 
 @dataclasses.dataclass
+class _Parsed:
+    """A request's checked arguments, before its arrays are laid out."""
+
+    method: DecodingMethod
+    dc: DecodeConfig
+    kv_cache: str
+    token_lists: list[list[int]]
+    limits: list[int]
+    stops: list[list[str]]
+    stop_ids: list[list[int]]
+    s_width: int  # the stop-token-id array's width (a bucket; 0 without stop ids)
+
+
+@dataclasses.dataclass
 class _Request:
     method: DecodingMethod
     dc: DecodeConfig
@@ -753,40 +767,16 @@ class Engine:
                 f"batch_size {batch_size} must be a multiple of the mesh's data axis "
                 f"({self.mesh.shape['data']})"
             )
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise UsageError("no prompts given: pass at least one prompt")
-        if mode is not None:
-            if not (isinstance(method, str) and method == "fp"):
-                raise UsageError("give the decoding method once: method=... or mode=..., not both")
-            method = mode
-        n = len(prompts)
-        limits = _limits(max_new_tokens, n)
-        stops = _stop_lists(stop, n)
-        stop_ids = _stop_id_lists(stop_token_ids, n, self.config.vocab_size)
-        m = self.method(method, **method_options)
-        dc = self.decode_config(m, int(max(limits)), temperature, top_k, top_p, ignore_eos)
-        dc = dc.replace(logprobs=int(logprobs))
-        kv_cache = self._check_kv_cache(m, kv_cache, kv_residual)
-        token_lists = self.encode(prompts, chat=chat)
+        p = self._parse(
+            prompts, method, mode, max_new_tokens, temperature, chat, top_k, top_p, stop,
+            stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+        )  # fmt: skip
+        m, dc, kv_cache, token_lists = p.method, p.dc, p.kv_cache, p.token_lists
+        limits, stops, stop_ids, s_width = p.limits, p.stops, p.stop_ids, p.s_width
+        n = len(token_lists)
         _, _, capacity = self._plan(token_lists, dc)
         rows = batch_size
-        s_width = _bucket(max(len(s) for s in stop_ids), 1) if any(stop_ids) else 0
-        cache = make_cache(
-            kv_cache,
-            self.config,
-            rows,
-            capacity,
-            residual=kv_residual,
-            step_tokens=dc.tokens_per_step,
-            attention_impl=dispatch.cache_attention_impl(self.impl),
-        )
-        cache = m.wrap_cache(cache, self.params)  # e.g. beside a draft model's own cache
-        if self.mesh is not None:
-            from qspec_jax.sharding import shard_cache  # noqa: PLC0415
-
-            cache = shard_cache(cache, self.mesh)
+        cache = self._new_cache(p, rows, capacity, kv_residual)
         kw = dict(cfg=self.config, qcfg=self.qconfig, dc=dc)
         t0 = time.perf_counter()
         state = loop.empty_state(cache, jax.random.PRNGKey(seed), dc, s_width)
@@ -897,11 +887,11 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ request plumbing
-    def _request(
-        self, prompts, method, mode, max_new_tokens, temperature, seed, chat, top_k, top_p,
-        stop, stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
-    ) -> _Request:  # fmt: skip
-        """Checks a request and lays out its arrays (shared by generate and stream)."""
+    def _parse(
+        self, prompts, method, mode, max_new_tokens, temperature, chat, top_k, top_p, stop,
+        stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+    ) -> _Parsed:  # fmt: skip
+        """Checks a request's arguments (shared by generate, stream and generate_many)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -921,10 +911,43 @@ class Engine:
         stops = _stop_lists(stop, n)
         stop_ids = _stop_id_lists(stop_token_ids, n, self.config.vocab_size)
         m = self.method(method, **method_options)
-        dc = self.decode_config(m, max(limits), temperature, top_k, top_p, ignore_eos)
+        dc = self.decode_config(m, int(max(limits)), temperature, top_k, top_p, ignore_eos)
         dc = dc.replace(logprobs=int(logprobs))
         kv_cache = self._check_kv_cache(m, kv_cache, kv_residual)
         token_lists = self.encode(prompts, chat=chat)
+        s_width = _bucket(max(len(s) for s in stop_ids), 1) if any(stop_ids) else 0
+        return _Parsed(m, dc, kv_cache, token_lists, limits, stops, stop_ids, s_width)
+
+    def _new_cache(self, p: _Parsed, rows: int, capacity: int, kv_residual: int):
+        """An empty KV cache of `rows` sequences for a parsed request (sharded on a mesh)."""
+        cache = make_cache(
+            p.kv_cache,
+            self.config,
+            rows,
+            capacity,
+            residual=kv_residual,
+            step_tokens=p.dc.tokens_per_step,
+            # the kernel registry's choice for the cache's attention (`pallas_kernels.registry`)
+            attention_impl=dispatch.cache_attention_impl(self.impl),
+        )
+        cache = p.method.wrap_cache(cache, self.params)  # e.g. beside a draft model's own cache
+        if self.mesh is not None:
+            from qspec_jax.sharding import shard_cache  # noqa: PLC0415
+
+            cache = shard_cache(cache, self.mesh)
+        return cache
+
+    def _request(
+        self, prompts, method, mode, max_new_tokens, temperature, seed, chat, top_k, top_p,
+        stop, stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+    ) -> _Request:  # fmt: skip
+        """Checks a request and lays out its arrays (shared by generate and stream)."""
+        p = self._parse(
+            prompts, method, mode, max_new_tokens, temperature, chat, top_k, top_p, stop,
+            stop_token_ids, logprobs, ignore_eos, kv_cache, kv_residual, method_options,
+        )  # fmt: skip
+        m, dc, token_lists, limits = p.method, p.dc, p.token_lists, p.limits
+        n = len(token_lists)
         batch, t_bucket, capacity = self._plan(token_lists, dc)
 
         padded = token_lists + [token_lists[0]] * (batch - n)  # batch bucket filler rows
@@ -934,31 +957,19 @@ class Engine:
         lens = np.asarray([len(t) for t in padded], np.int32)
         # filler rows stop after their first token
         lim = np.asarray(list(limits) + [1] * (batch - n), np.int32)
-        s_width = _bucket(max(len(s) for s in stop_ids), 1) if any(stop_ids) else 0
-        sid = np.full((batch, s_width), -1, np.int32)
-        for i, ids in enumerate(stop_ids):
+        sid = np.full((batch, p.s_width), -1, np.int32)
+        for i, ids in enumerate(p.stop_ids):
             sid[i, : len(ids)] = ids
-        cache = make_cache(
-            kv_cache,
-            self.config,
-            batch,
-            capacity,
-            residual=kv_residual,
-            step_tokens=dc.tokens_per_step,
-            # the kernel registry's choice for the cache's attention (`pallas_kernels.registry`)
-            attention_impl=dispatch.cache_attention_impl(self.impl),
-        )
-        cache = m.wrap_cache(cache, self.params)  # e.g. beside a draft model's own cache
+        cache = self._new_cache(p, batch, capacity, kv_residual)
         toks, lens, lim, sid = map(jnp.asarray, (toks, lens, lim, sid))
         if self.mesh is not None:
-            from qspec_jax.sharding import shard_batch, shard_cache  # noqa: PLC0415
+            from qspec_jax.sharding import shard_batch  # noqa: PLC0415
 
-            cache = shard_cache(cache, self.mesh)
             toks, lens, lim, sid = (shard_batch(a, self.mesh) for a in (toks, lens, lim, sid))
         return _Request(
             method=m,
             dc=dc,
-            kv_cache=kv_cache,
+            kv_cache=p.kv_cache,
             token_lists=token_lists,
             n=n,
             toks=toks,
@@ -967,7 +978,7 @@ class Engine:
             key=jax.random.PRNGKey(seed),
             limits=lim,
             stop_ids=sid,
-            stops=stops,
+            stops=p.stops,
         )
 
     def _result(self, req, host, wall, compile_s, source, kept=None) -> GenerationResult:

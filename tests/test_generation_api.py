@@ -150,6 +150,11 @@ def test_bad_per_request_options_are_one_sentence(engine):
         engine.generate(PROMPTS, "w4a16", stop=[""])
     with pytest.raises(qspec_jax.UsageError, match="logprobs must be a non-negative integer"):
         engine.generate(PROMPTS, "w4a16", logprobs=-1)
+    # generate_many checks its request in the same place (it once skipped the logprobs check)
+    with pytest.raises(qspec_jax.UsageError, match="logprobs must be a non-negative integer"):
+        engine.generate_many(PROMPTS, "w4a16", logprobs=True)
+    with pytest.raises(qspec_jax.UsageError, match="max_new_tokens has 2 values for 4 prompts"):
+        engine.generate_many(PROMPTS, "w4a16", max_new_tokens=[3, 4])
 
 
 @pytest.mark.parametrize("name", list(METHODS))

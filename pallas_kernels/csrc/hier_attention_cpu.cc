@@ -801,11 +801,14 @@ ffi::Error HierAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer,
   P.v_scale = v_scale.typed_data() + li * vt;
   P.v_min = v_min.typed_data() + li * vt;
   const int64_t bt = P.b * P.nbuf * P.kvh * P.hd;
+  // bfloat16 buffers arrive as BF16 or as their uint16 bits (U16; cpu_attention.py passes the
+  // bits, see there): both are read as bfloat16.
   const auto bty = k_buf.element_type();
-  if (v_buf.element_type() != bty || (bty != ffi::DataType::F32 && bty != ffi::DataType::BF16))
+  if (v_buf.element_type() != bty ||
+      (bty != ffi::DataType::F32 && bty != ffi::DataType::BF16 && bty != ffi::DataType::U16))
     return ffi::Error::InvalidArgument(
         "hier attention cpu kernel: k_buf and v_buf must both be float32 or both bfloat16");
-  const bool bf16 = bty == ffi::DataType::BF16;
+  const bool bf16 = bty != ffi::DataType::F32;
   P.k_buf = bf16 ? nullptr : k_buf.typed_data<float>() + li * bt;
   P.v_buf = bf16 ? nullptr : v_buf.typed_data<float>() + li * bt;
   P.k_buf16 = bf16 ? k_buf.reinterpret_data<uint16_t>() + li * bt : nullptr;
@@ -835,7 +838,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QspecHierAttention, HierAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // v_lo (or a dummy)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_scale [L, B, Q, kvh]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_min
-                                  .Arg<ffi::AnyBuffer>()  // k_buf [L, B, NB, kvh, hd] f32/bf16
+                                  .Arg<ffi::AnyBuffer>()  // k_buf [L, B, NB, kvh, hd] f32/bf16/u16
                                   .Arg<ffi::AnyBuffer>()  // v_buf (k_buf's dtype)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // buf_start [B]
                                   .Attr<int64_t>("residual")

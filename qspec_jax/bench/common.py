@@ -134,14 +134,38 @@ def command_line(module: str | None = None, argv: Sequence[str] | None = None) -
     return shlex.join(head + args)
 
 
+def _cpu_model() -> dict[str, Any]:
+    """The CPU's model name and the vector extensions the CPU kernels care about (Linux's
+    /proc/cpuinfo; empty elsewhere). The shared machines differ (AVX2-only and AVX-512 VNNI
+    CPUs have both run these benchmarks), and a kernel's speed depends on which."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first CPU's
+    except OSError:
+        return {}
+    flags = set(info.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16")
+    return {
+        "cpu_model": info.get("model name"),
+        # e.g. AMD family 25 model 17 (Zen 4) when the name is only "AMD EPYC"
+        "cpu_family_model": f"{info.get('cpu family')}/{info.get('model')}",
+        "cpu_flags": [f for f in wanted if f in flags],
+    }
+
+
 def machine_info() -> dict[str, Any]:
-    """The machine a run measured: platform, cores, Python, JAX, backend and devices."""
+    """The machine a run measured: platform, CPU model and vector extensions, cores, Python,
+    JAX, backend and devices."""
     import jax  # noqa: PLC0415
 
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),
+        **_cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
