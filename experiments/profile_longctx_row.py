@@ -81,7 +81,7 @@ def main() -> int:
             st = st.replace(cache=jax.block_until_ready(fill(hc, st.cache, lens)))
         s0 = _mode_state(st, dc)
         fn = _decoder(eng, s0, dc)
-        calls[row] = (lambda fn=fn, s0=s0: jax.block_until_ready(fn(s0, eng.params)))
+        calls[row] = lambda fn=fn, s0=s0: jax.block_until_ready(fn(s0, eng.params))
         calls[row]()  # warm
     walls = {row: [] for row in rows}
     for _ in range(args.reps):

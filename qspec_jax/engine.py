@@ -495,9 +495,7 @@ class Engine:
         if kv_cache is None:
             kv_cache = method.default_kv_cache
         try:
-            method.check(
-                weights=self.weight_kinds, kv_cache=kv_cache, kv_residual=kv_residual
-            )
+            method.check(weights=self.weight_kinds, kv_cache=kv_cache, kv_residual=kv_residual)
         except MethodError as e:
             raise UsageError(str(e)) from None
         return kv_cache
