@@ -34,7 +34,6 @@ import hashlib
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ import jax
 
 from pallas_kernels.cache_dir import cache_root
 from pallas_kernels.cache_dir import switch_on as _switch
+from qspec_jax.atomic_io import write_atomic
 
 ENV_EXPORT = "QSPEC_JAX_EXPORT_CACHE"
 _MAGIC = b"QSPECEXP2"
@@ -181,19 +181,6 @@ def _single_device(leaves) -> bool:
     return len(devices) <= 1
 
 
-def _write_atomic(path: str, payload: bytes) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _pack(serialized: bytes, out_tree) -> bytes:
     """magic | sha256(body) | len(tree) | pickled output tree | serialized Exported."""
     tree = pickle.dumps(out_tree)
@@ -294,7 +281,7 @@ def compile_program(
         return None
     program = from_exported(exp, out_tree, "exported-written")
     try:
-        _write_atomic(path, payload)
+        write_atomic(path, payload, make_dirs=True, dir_mode=0o700)
     except OSError:
         program.source = "exported-unwritten"
     return program

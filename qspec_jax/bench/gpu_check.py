@@ -50,6 +50,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from qspec_jax.atomic_io import write_atomic
 from qspec_jax.bench.common import REPO_ROOT, command_line, usage_error, utc_iso
 
 ROOT = str(REPO_ROOT)
@@ -103,30 +104,17 @@ class Report:
     def write(self) -> None:
         """Writes gpu_check.json and gpu_check.md atomically (temp file + rename)."""
         os.makedirs(self.out_dir, exist_ok=True)
-        _atomic_write(
+        write_atomic(
             os.path.join(self.out_dir, "gpu_check.json"),
             json.dumps(self.data, indent=1, default=_json_default) + "\n",
         )
-        _atomic_write(os.path.join(self.out_dir, "gpu_check.md"), markdown(self.data))
+        write_atomic(os.path.join(self.out_dir, "gpu_check.md"), markdown(self.data))
 
 
 def _json_default(o):
     if hasattr(o, "item"):
         return o.item()
     return str(o)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def validate(data: dict) -> list[str]:

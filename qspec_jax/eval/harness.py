@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from qspec_jax.atomic_io import write_atomic
 from qspec_jax.decoding.methods import mode_names
 
 __all__ = [
@@ -108,7 +109,9 @@ def shard_items(items: Sequence[Any], process_index: int, process_count: int) ->
             f"process_index must be an integer in [0, {process_count}), got {process_index!r}"
         )
     n = len(items)
-    return list(items[n * process_index // process_count : n * (process_index + 1) // process_count])
+    return list(
+        items[n * process_index // process_count : n * (process_index + 1) // process_count]
+    )
 
 
 def _sha(text: str) -> str:
@@ -156,7 +159,9 @@ def _parse_modes(modes: str | Iterable[str]) -> list[str]:
             if m and m not in out:
                 out.append(m)
     except TypeError:
-        raise EvalUsageError(f"modes must be a list of mode names or a comma-separated string, got {modes!r}") from None
+        raise EvalUsageError(
+            f"modes must be a list of mode names or a comma-separated string, got {modes!r}"
+        ) from None
     return out
 
 
@@ -165,14 +170,18 @@ def _check_writable(results_path: Any) -> str:
         raise EvalUsageError(f"results_path must be a file path, got {results_path!r}")
     path = os.path.abspath(os.fspath(results_path))
     if os.path.isdir(path):
-        raise EvalUsageError(f"results path {path} is a directory: give a file name such as {path}/results.json")
+        raise EvalUsageError(
+            f"results path {path} is a directory: give a file name such as {path}/results.json"
+        )
     d = os.path.dirname(path)
     try:
         os.makedirs(d, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=d, prefix=".qspec_write_test_"):
             pass
     except OSError as e:
-        raise EvalUsageError(f"cannot write results to {path} ({e.strerror or e}): choose a writable directory") from None
+        raise EvalUsageError(
+            f"cannot write results to {path} ({e.strerror or e}): choose a writable directory"
+        ) from None
     return path
 
 
@@ -211,9 +220,15 @@ def check_eval_args(
                 "load int4 weights (a quant method) for the int4 modes, float weights for fp"
             )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise EvalUsageError(f"limit must be a positive integer (or None for all items), got {limit!r}")
-    for name, v in (("max_new_tokens", max_new_tokens), ("gamma", gamma), ("batch_size", batch_size),
-                    ("seq_len", seq_len)):
+        raise EvalUsageError(
+            f"limit must be a positive integer (or None for all items), got {limit!r}"
+        )
+    for name, v in (
+        ("max_new_tokens", max_new_tokens),
+        ("gamma", gamma),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise EvalUsageError(f"{name} must be a positive integer, got {v!r}")
     if seq_len < 2:
@@ -224,7 +239,9 @@ def check_eval_args(
     from qspec_jax.eval.humaneval import PROMPT_STYLES  # noqa: PLC0415
 
     if humaneval_style not in PROMPT_STYLES:
-        raise EvalUsageError(f"unknown HumanEval prompt style {humaneval_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+        raise EvalUsageError(
+            f"unknown HumanEval prompt style {humaneval_style!r}: choose one of {', '.join(PROMPT_STYLES)}"
+        )
     return mode_list, _check_writable(results_path)
 
 
@@ -253,36 +270,10 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON so that `path` holds either its old content or the complete new content.
-
-    The text goes to a temporary file in the same directory, is flushed and fsync'ed, and then
-    renamed over `path` (``os.replace``, atomic on POSIX); the directory is fsync'ed after. On any
-    failure the temporary file is removed and `path` is untouched.
-    """
-    path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """Writes JSON so that `path` holds either its old content or the complete new content
+    (`qspec_jax.atomic_io.write_atomic`: a temporary file, fsync, rename; on any failure `path`
+    is untouched). NaN and infinities are refused (strict JSON; `_clean` maps them to null)."""
+    write_atomic(path, json.dumps(_clean(obj), indent=1, allow_nan=False) + "\n")
 
 
 def load_partial(path: str, repair: bool = False) -> tuple[dict | None, list[dict], list[dict]]:
@@ -310,7 +301,9 @@ def load_partial(path: str, repair: bool = False) -> tuple[dict | None, list[dic
     except json.JSONDecodeError:
         head = None
     if not isinstance(head, dict) or head.get("type") != "config" or head.get("format") != FORMAT:
-        raise EvalUsageError(f"{path} is not a qspec-jax partial results file: move it away or delete it")
+        raise EvalUsageError(
+            f"{path} is not a qspec-jax partial results file: move it away or delete it"
+        )
     items: dict[tuple[str, str], dict] = {}
     batches: list[dict] = []
     pending: dict[tuple[str, str], dict] = {}
@@ -320,7 +313,9 @@ def load_partial(path: str, repair: bool = False) -> tuple[dict | None, list[dic
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            raise EvalUsageError(f"{path} line {n} is not valid JSON: the file is damaged, delete it to start over") from None
+            raise EvalUsageError(
+                f"{path} line {n} is not valid JSON: the file is damaged, delete it to start over"
+            ) from None
         if rec.get("type") == "item":
             pending[(rec["mode"], rec["id"])] = rec
         elif rec.get("type") == "batch":
@@ -405,34 +400,80 @@ def _generation_records(task, mode, batch, res, humaneval_style, exec_timeout, e
             recs.append({"completion": c, "result": chk["result"], "correct": bool(chk["passed"])})
     out = []
     for it, rec, text, toks, why in zip(batch, recs, texts, tokens, reasons):
-        out.append({
-            "type": "item", "mode": mode, "id": it.id, "index": it.index,
-            "tokens": [int(t) for t in toks], "num_tokens": len(toks), "finish_reason": why,
-            "text": text, **rec,
-        })
+        out.append(
+            {
+                "type": "item",
+                "mode": mode,
+                "id": it.id,
+                "index": it.index,
+                "tokens": [int(t) for t in toks],
+                "num_tokens": len(toks),
+                "finish_reason": why,
+                "text": text,
+                **rec,
+            }
+        )
     return out
 
 
 # items per continuous-batching call, in units of batch_size (one resume unit each)
 CONTINUOUS_GROUP = 8
 
-_BATCH_STATS = ("tokens_generated", "wall_s", "draft_tokens_proposed", "draft_tokens_accepted",
-                "verify_steps", "mean_tokens_per_step", "compile_s")
+_BATCH_STATS = (
+    "tokens_generated",
+    "wall_s",
+    "draft_tokens_proposed",
+    "draft_tokens_accepted",
+    "verify_steps",
+    "mean_tokens_per_step",
+    "compile_s",
+)
 
 
-def _run_generation_batch(engine, task, mode, batch, *, max_new_tokens, gamma, temperature, seed,
-                          humaneval_style, exec_timeout, exec_workers, draft="w4a8", rows=0):
+def _run_generation_batch(
+    engine,
+    task,
+    mode,
+    batch,
+    *,
+    max_new_tokens,
+    gamma,
+    temperature,
+    seed,
+    humaneval_style,
+    exec_timeout,
+    exec_workers,
+    draft="w4a8",
+    rows=0,
+):
     extra = {"draft": draft} if mode == "qspec" else {}  # the evaluation's QSpec draft
     # gamma is a shared option: methods that draft no sequence ignore it
-    kw = dict(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-              chat=batch[0].chat, gamma=gamma, **extra)
+    kw = dict(
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        chat=batch[0].chat,
+        gamma=gamma,
+        **extra,
+    )
     prompts = [it.prompt for it in batch]
     # rows > 0: continuous batching over the group, `rows` sequences in flight
-    res = engine.generate_many(prompts, batch_size=rows, **kw) if rows else engine.generate(prompts, **kw)
+    res = (
+        engine.generate_many(prompts, batch_size=rows, **kw)
+        if rows
+        else engine.generate(prompts, **kw)
+    )
     recs = _generation_records(task, mode, batch, res, humaneval_style, exec_timeout, exec_workers)
     stats = {k: res.stats[k] for k in _BATCH_STATS if k in res.stats}
     stats.setdefault("tokens_generated", sum(len(t) for t in res.tokens))
-    batch_rec = {"type": "batch", "mode": mode, "ids": [it.id for it in batch], "n": len(batch), **stats}
+    batch_rec = {
+        "type": "batch",
+        "mode": mode,
+        "ids": [it.id for it in batch],
+        "n": len(batch),
+        **stats,
+    }
     return recs + [batch_rec]
 
 
@@ -444,12 +485,28 @@ def _run_perplexity_batch(engine, mode, batch):
     res = chunk_nll(engine, precision, [it.prompt for it in batch], batch_size=len(batch))
     wall = time.perf_counter() - t0
     recs = [
-        {"type": "item", "mode": mode, "id": it.id, "index": it.index, "precision": precision,
-         "nll": nll, "num_tokens": k, "correct": None}
+        {
+            "type": "item",
+            "mode": mode,
+            "id": it.id,
+            "index": it.index,
+            "precision": precision,
+            "nll": nll,
+            "num_tokens": k,
+            "correct": None,
+        }
         for it, (nll, k) in zip(batch, res)
     ]
-    recs.append({"type": "batch", "mode": mode, "ids": [it.id for it in batch], "n": len(batch),
-                 "tokens_generated": sum(k for _, k in res), "wall_s": wall})
+    recs.append(
+        {
+            "type": "batch",
+            "mode": mode,
+            "ids": [it.id for it in batch],
+            "n": len(batch),
+            "tokens_generated": sum(k for _, k in res),
+            "wall_s": wall,
+        }
+    )
     return recs
 
 
@@ -457,7 +514,9 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def summarize(config: dict, modes: Sequence[str], items: Sequence[dict], batches: Sequence[dict]) -> dict:
+def summarize(
+    config: dict, modes: Sequence[str], items: Sequence[dict], batches: Sequence[dict]
+) -> dict:
     """The summary (per-mode results and cross-mode comparisons) of recorded items and batches."""
     task = config["task"]
     results: dict[str, dict] = {}
@@ -499,23 +558,32 @@ def summarize(config: dict, modes: Sequence[str], items: Sequence[dict], batches
                 w = [(b.get("mean_tokens_per_step"), b.get("tokens_generated", 0)) for b in bs]
                 w = [(v, t) for v, t in w if v is not None and math.isfinite(v)]
                 row["mean_tokens_per_step"] = (
-                    sum(v * t for v, t in w) / sum(t for _, t in w) if w and sum(t for _, t in w) else None
+                    sum(v * t for v, t in w) / sum(t for _, t in w)
+                    if w and sum(t for _, t in w)
+                    else None
                 )
             row["gamma"] = config.get("gamma")
         results[m] = row
 
-    comp: dict[str, Any] = {"qspec_equals_w4a16_tokens": None, "recovered": None,
-                            "qspec_speedup_vs_w4a16": None}
+    comp: dict[str, Any] = {
+        "qspec_equals_w4a16_tokens": None,
+        "recovered": None,
+        "qspec_speedup_vs_w4a16": None,
+    }
     if "qspec" in results and "w4a16" in results and task != "perplexity":
-        common = sorted(set(by_mode["qspec"]) & set(by_mode["w4a16"]),
-                        key=lambda i: by_mode["qspec"][i]["index"])
+        common = sorted(
+            set(by_mode["qspec"]) & set(by_mode["w4a16"]),
+            key=lambda i: by_mode["qspec"][i]["index"],
+        )
         same = [i for i in common if by_mode["qspec"][i]["tokens"] == by_mode["w4a16"][i]["tokens"]]
         comp["qspec_equals_w4a16_tokens"] = len(same) / len(common) if common else None
         comp["qspec_equals_w4a16_items"] = f"{len(same)}/{len(common)}"
         comp["qspec_mismatch_ids"] = [i for i in common if i not in set(same)][:20]
         # greedy QSpec must reproduce W4A16 exactly; at temperature > 0 equality is not expected
         comp["qspec_greedy_equality_violated"] = (
-            bool(common) and len(same) < len(common) if float(config.get("temperature", 0)) == 0 else None
+            bool(common) and len(same) < len(common)
+            if float(config.get("temperature", 0)) == 0
+            else None
         )
         tq, tw = results["qspec"]["tokens_per_s"], results["w4a16"]["tokens_per_s"]
         comp["qspec_speedup_vs_w4a16"] = _ratio(tq, tw) if tq is not None and tw else None
@@ -600,20 +668,38 @@ def run_eval(
             with another configuration.
     """
     mode_list, path = check_eval_args(
-        task, modes, limit, max_new_tokens, gamma, results_path, getattr(engine, "modes", None),
-        batch_size=batch_size, temperature=temperature, process_index=process_index,
-        process_count=process_count, humaneval_style=humaneval_style, seq_len=seq_len,
+        task,
+        modes,
+        limit,
+        max_new_tokens,
+        gamma,
+        results_path,
+        getattr(engine, "modes", None),
+        batch_size=batch_size,
+        temperature=temperature,
+        process_index=process_index,
+        process_count=process_count,
+        humaneval_style=humaneval_style,
+        seq_len=seq_len,
     )
     if draft not in ("w4a4", "w4a8"):
         raise EvalUsageError(f"unknown draft precision {draft!r}: choose w4a4 or w4a8")
-    all_items, data_hash = task_items(task, engine, humaneval_style=humaneval_style, seq_len=seq_len)
+    all_items, data_hash = task_items(
+        task, engine, humaneval_style=humaneval_style, seq_len=seq_len
+    )
     selected = all_items[:limit] if limit is not None else all_items
     mine = shard_items(selected, process_index, process_count)
 
     config: dict[str, Any] = {
-        "task": task, "limit": limit, "n_selected": len(selected), "data": data_hash,
-        "temperature": float(temperature), "seed": int(seed), "engine": _engine_info(engine),
-        "process_index": process_index, "process_count": process_count,
+        "task": task,
+        "limit": limit,
+        "n_selected": len(selected),
+        "data": data_hash,
+        "temperature": float(temperature),
+        "seed": int(seed),
+        "engine": _engine_info(engine),
+        "process_index": process_index,
+        "process_count": process_count,
     }
     if task == "perplexity":
         config["seq_len"] = seq_len
@@ -643,8 +729,14 @@ def run_eval(
 
     for mode in mode_list:
         todo = [it for it in mine if (mode, it.id) not in done]
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {mode}",
-                   unit="item", disable=not progress, leave=True)
+        bar = tqdm(
+            total=len(mine),
+            initial=len(mine) - len(todo),
+            desc=f"{task} {mode}",
+            unit="item",
+            disable=not progress,
+            leave=True,
+        )
         try:
             step = batch_size * CONTINUOUS_GROUP if rows else batch_size
             for s in range(0, len(todo), step):
@@ -653,9 +745,18 @@ def run_eval(
                     recs = _run_perplexity_batch(engine, mode, batch)
                 else:
                     recs = _run_generation_batch(
-                        engine, task, mode, batch, max_new_tokens=max_new_tokens, gamma=gamma,
-                        temperature=temperature, seed=seed, humaneval_style=humaneval_style,
-                        exec_timeout=exec_timeout, exec_workers=exec_workers, draft=draft,
+                        engine,
+                        task,
+                        mode,
+                        batch,
+                        max_new_tokens=max_new_tokens,
+                        gamma=gamma,
+                        temperature=temperature,
+                        seed=seed,
+                        humaneval_style=humaneval_style,
+                        exec_timeout=exec_timeout,
+                        exec_workers=exec_workers,
+                        draft=draft,
                         rows=rows,
                     )
                 writer.append(recs)
@@ -693,7 +794,9 @@ def merge_results(paths: Sequence[str], results_path: str | None = None) -> dict
         idx = c.pop("process_index", None)
         _config_mismatch(p, base, c)
         if idx in seen:
-            raise EvalUsageError(f"{p} and {seen[idx]} are the same shard (process_index {idx}): merge distinct shards")
+            raise EvalUsageError(
+                f"{p} and {seen[idx]} are the same shard (process_index {idx}): merge distinct shards"
+            )
         seen[idx] = p
         for m in ms or sorted({r["mode"] for r in its}, key=ALL_MODES.index):
             if m not in modes:
@@ -701,14 +804,18 @@ def merge_results(paths: Sequence[str], results_path: str | None = None) -> dict
         for r in its:
             k = (r["mode"], r["id"])
             if k in keys:
-                raise EvalUsageError(f"item {r['id']} in mode {r['mode']} appears in more than one shard")
+                raise EvalUsageError(
+                    f"item {r['id']} in mode {r['mode']} appears in more than one shard"
+                )
             keys.add(k)
             items.append(r)
         batches.extend(bs)
     count = base.get("process_count", 1)
     missing = sorted(set(range(count)) - set(seen))
     if missing:
-        raise EvalUsageError(f"shards {missing} of {count} are missing: merge the results of every process")
+        raise EvalUsageError(
+            f"shards {missing} of {count} are missing: merge the results of every process"
+        )
     config = {**base, "process_index": None}
     summary = summarize(config, modes, items, batches)
     if results_path is not None:

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 
+from qspec_jax.atomic_io import write_atomic
 from qspec_jax.bench.common import command_line, utc_stamp
 from qspec_jax.eval.cli_support import Parser as _Parser
 from qspec_jax.eval.cli_support import UsageProblem, run_cli
@@ -309,10 +310,7 @@ def run(args, argv: list[str], load_engine=None) -> int:
     md = table_markdown(table)
     write_json_atomic(summary_path, table)
     md_path = summary_path[:-5] + ".md"
-    tmp = md_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(md + "\n")
-    os.replace(tmp, md_path)
+    write_atomic(md_path, md + "\n")
     png = summary_path[:-5] + ".png"
     if not args.no_plot:
         plot_table(table, png)

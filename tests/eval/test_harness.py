@@ -10,6 +10,7 @@ from eval_fake_engine import EngineCrash, FakeEngine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qspec_jax import atomic_io
 from qspec_jax.eval import (
     EvalUsageError,
     markdown_table,
@@ -19,7 +20,6 @@ from qspec_jax.eval import (
     run_eval,
     shard_items,
 )
-from qspec_jax.eval import harness as harness_mod
 from qspec_jax.eval.math import load_problems
 from qspec_jax.eval.perplexity import perplexity
 
@@ -231,11 +231,10 @@ def _dir_files(d):
 def test_final_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "atomic.json")
 
-    def broken_dump(obj, f, **kw):
-        f.write('{"format": 1, "half": ')  # some bytes reach the temp file, then the disk "fails"
+    def broken_fsync(fd):  # the bytes reached the temp file, then the disk "fails"
         raise OSError("disk full")
 
-    monkeypatch.setattr(harness_mod.json, "dump", broken_dump)
+    monkeypatch.setattr(atomic_io.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         run_eval(FakeEngine(), "math", ["w4a16"], 2, results_path=path, **KW)
     assert not os.path.exists(path)
@@ -245,7 +244,7 @@ def test_final_write_is_atomic(tmp_path, monkeypatch):
     good = run_eval(FakeEngine(), "math", ["w4a16"], 2, results_path=path, **KW)
     with open(path) as f:
         before = f.read()
-    monkeypatch.setattr(harness_mod.json, "dump", broken_dump)
+    monkeypatch.setattr(atomic_io.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         run_eval(FakeEngine(), "math", ["w4a16"], 2, results_path=path, **KW)
     with open(path) as f:
