@@ -105,15 +105,25 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields of Linux's /proc/cpuinfo ("model name", "cpu family", "model",
+    "flags", ...); empty where there is none."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if not sep:  # the blank line after the first CPU
+                    break
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
+    return info
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo; empty where there is none)."""
+    return set(cpu_info().get("flags", "").split())
 
 
 def _library_path() -> str:
@@ -164,7 +174,7 @@ def unavailable_reason() -> str | None:
             reason = f"turned off by {ENV_SWITCH}"
         elif platform.machine().lower() not in ("x86_64", "amd64"):
             reason = f"not an x86-64 CPU ({platform.machine()})"
-        elif not {"avx2", "fma"} <= _cpu_flags():
+        elif not {"avx2", "fma"} <= cpu_flags():
             reason = "the CPU lacks AVX2 / FMA"
         else:
             try:
@@ -185,7 +195,7 @@ def unavailable_reason() -> str | None:
 
 def has_vnni() -> bool:
     """Whether this CPU runs the W4AX kernel's AVX-512 VNNI variant (what isa="auto" picks)."""
-    return VNNI_FLAGS <= _cpu_flags()
+    return VNNI_FLAGS <= cpu_flags()
 
 
 def available() -> bool:

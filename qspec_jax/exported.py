@@ -84,7 +84,7 @@ def _platform() -> str:
         jaxlib.__version__,
         jax.default_backend(),
         repr([(d.platform, d.device_kind) for d in jax.devices()]),
-        repr(sorted(cpu_kernels._cpu_flags())),  # noqa: SLF001
+        repr(sorted(cpu_kernels.cpu_flags())),
     ]
     return "\n".join(parts)
 

@@ -135,16 +135,13 @@ def command_line(module: str | None = None, argv: Sequence[str] | None = None) -
 
 
 def _cpu_model() -> dict[str, Any]:
-    """The CPU's model name and the vector extensions the CPU kernels care about (Linux's
-    /proc/cpuinfo; empty elsewhere). The shared machines differ (AVX2-only and AVX-512 VNNI
-    CPUs have both run these benchmarks), and a kernel's speed depends on which."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())  # the first CPU's
-    except OSError:
+    """The CPU's model name, family/model and the vector extensions the CPU kernels care about
+    (`pallas_kernels.cpu_kernels.cpu_info`; empty off Linux). The shared machines differ, and a
+    kernel's speed depends on which."""
+    from pallas_kernels.cpu_kernels import cpu_info  # noqa: PLC0415
+
+    info = cpu_info()
+    if not info:
         return {}
     flags = set(info.get("flags", "").split())
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16")
